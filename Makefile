@@ -1,0 +1,35 @@
+# kd-plugin: set-up, tests and demo. Every target sets itself up (idempotent).
+PY      ?= python3.11
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.kd-setup-done
+SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py
+
+.PHONY: setup test test-fast demo demo-quick bench clean
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_DEPS)
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade "pip<25" "setuptools<76" wheel
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q "numpy<2.3" hydra-core==1.3.2 omegaconf==2.3.0 bitarray "sacrebleu==2.6.*" regex \
+	    sentencepiece cython pytest matplotlib tensorboardX
+	$(VPY) -c "import fairseq" 2>/dev/null || $(VPY) -m pip install -q --no-deps fairseq==0.12.2
+	$(VPY) scripts/fairseq_compat.py
+	$(VPY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	$(VPY) examples/demo.py $(DEMO_ARGS)
+
+demo-quick: setup
+	QUICK=1 $(VPY) examples/demo.py $(DEMO_ARGS)
+
+bench: setup
+	$(VPY) benchmarks/bench_kd.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

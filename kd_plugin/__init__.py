@@ -1,0 +1,10 @@
+"""kd-plugin: knowledge distillation for fairseq 0.12.2, loaded with ``--user-dir path/to/kd_plugin``.
+
+Registers the task ``translation_kd`` and the criterions ``token_kd``, ``sentence_kd`` and ``hybrid_kd``.
+"""
+from kd_plugin import compat
+
+compat.apply()
+
+from kd_plugin import criterions, tasks  # noqa: E402,F401  (registration side effects)
+from kd_plugin.tasks import translation_kd  # noqa: E402,F401

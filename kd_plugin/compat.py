@@ -1,0 +1,54 @@
+"""Import-time fixes for stock fairseq 0.12.2 on torch >= 2.6 (see README, "Compatibility fixes").
+
+``make setup`` also patches the installed fairseq files (scripts/fairseq_compat.py); these runtime
+patches make the plugin work on any other fairseq 0.12.2 install. Both are guarded: applying them
+twice, or on an already fixed fairseq, changes nothing.
+"""
+import functools
+import types
+
+import torch
+
+_APPLIED = "_kd_plugin_patched"
+
+
+class _TorchWithTrustedLoad(types.ModuleType):
+    """Stands in for ``torch`` inside fairseq.checkpoint_utils: ``load`` defaults to weights_only=False.
+
+    fairseq checkpoints pickle an argparse.Namespace and omegaconf objects, which torch >= 2.6's
+    default ``weights_only=True`` refuses.
+    """
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return torch.load(*args, **kwargs)
+
+
+def patch_checkpoint_load():
+    from fairseq import checkpoint_utils
+
+    if not isinstance(checkpoint_utils.torch, _TorchWithTrustedLoad):
+        checkpoint_utils.torch = _TorchWithTrustedLoad()
+
+
+def patch_encoder_fast_path():
+    """Disable the encoder-layer fast path ("Mask Type should be defined" on padded eval batches)."""
+    from fairseq.modules.transformer_layer import TransformerEncoderLayerBase as layer
+
+    if not getattr(layer, _APPLIED, False):
+        # a read-only property: every instance, existing or future, takes the regular path
+        layer.can_use_fastpath = property(lambda self: False, lambda self, value: None)
+        setattr(layer, _APPLIED, True)
+
+
+@functools.lru_cache(maxsize=None)
+def apply():
+    patch_checkpoint_load()
+    patch_encoder_fast_path()

@@ -1,0 +1,134 @@
+r"""Criterion ``hybrid_kd``: token- and sentence-level KD mixed per source sentence by a learned gate.
+
+    loss = sum_x g(x) L_token(x) + (1 - g(x)) L_sentence(x) + w * LS-NLL_gold(x) + lambda_g * GateBCE
+
+L_token(x) is token_kd's loss on x (same flags: --kd-alpha, --kd-temperature, --kd-divergence, --kd-topk,
+selective KD), L_sentence(x) sentence_kd's (LS-NLL on the teacher-decoded target), w = --kd-gold-weight.
+The encoder runs once; the decoder twice (gold prefix, teacher prefix). See kd_plugin.gate for why g(x) is
+detached in the mix and trained on a benefit signal instead (the anti-collapse design).
+``sample_size`` is the gate-weighted token count sum_x g n_gold(x) + (1 - g) n_teacher(x), so fixed:1
+equals token_kd and fixed:0 equals sentence_kd.
+"""
+from dataclasses import dataclass, field
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from kd_plugin.checks import KDConfigError
+from kd_plugin.criterions.base import check_range
+from kd_plugin.criterions.sentence_kd import teacher_target_sample
+from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
+from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss
+from kd_plugin.signals import TEACHER_TARGET
+
+
+@dataclass
+class HybridKDConfig(TokenKDConfig):
+    kd_gate: str = field(default="sentence", metadata={
+        "help": "gate g(x): sentence (from the student's encoder output), scalar, or fixed:<value>"})
+    kd_gold_weight: float = field(default=0.0, metadata={"help": "weight w of an extra gold LS-NLL term"})
+    kd_gate_tau: float = field(default=1.0, metadata={"help": "temperature of the gate's benefit target"})
+    kd_gate_weight: float = field(default=1.0, metadata={"help": "weight of the gate's BCE loss"})
+    kd_gate_warmup: int = field(default=0, metadata={"help": "updates during which the mix uses g = 1/2"})
+    kd_gate_momentum: float = field(default=0.99, metadata={"help": "momentum of the losses' running means"})
+    kd_gate_hidden: int = field(default=64, metadata={"help": "hidden units of the sentence gate"})
+
+
+@register_criterion("hybrid_kd", dataclass=HybridKDConfig)
+class HybridKDCriterion(TokenKDCriterion):
+    teacher_signals = ("logits", "targets")
+
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
+                 kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
+                 kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000,
+                 kd_gate="sentence", kd_gold_weight=0.0, kd_gate_tau=1.0, kd_gate_weight=1.0,
+                 kd_gate_warmup=0, kd_gate_momentum=0.99, kd_gate_hidden=64):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, kd_alpha,
+                         kd_temperature, kd_divergence, kd_js_beta, kd_skew_lambda, kd_topk, kd_select,
+                         kd_select_rate, kd_select_queue)
+        if ignore_prefix_size:
+            raise KDConfigError("hybrid_kd does not support --ignore-prefix-size")
+        check_range("--kd-gold-weight", kd_gold_weight, 0, float("inf"))
+        check_range("--kd-gate-tau", kd_gate_tau, 0, float("inf"), lo_open=True)
+        check_range("--kd-gate-momentum", kd_gate_momentum, 0, 1)
+        try:
+            self.gate = build_gate(kd_gate, getattr(task, "student_dim", None), kd_gate_hidden)
+        except ValueError as e:
+            raise KDConfigError(str(e)) from None
+        self.benefit = BenefitTarget(kd_gate_tau, kd_gate_momentum)
+        self.gold_weight, self.gate_weight, self.gate_warmup = kd_gold_weight, kd_gate_weight, kd_gate_warmup
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates):
+        self.num_updates = num_updates
+
+    def mix_weights(self, logits, bsz, device):
+        """g used in the mix (detached): fixed value, 1/2 during warm-up, else sigmoid(z(x))."""
+        if isinstance(self.gate, FixedGate):
+            return torch.full((bsz,), self.gate.value, device=device)
+        if self.training and self.num_updates < self.gate_warmup:
+            return torch.full((bsz,), 0.5, device=device)
+        return torch.sigmoid(logits.detach().float())
+
+    def forward(self, model, sample, reduce=True):
+        self.require(sample, TEACHER_TARGET)
+        net_input = sample["net_input"]
+        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+
+        def decode(prev):
+            return model.decoder(prev, encoder_out=encoder_out, src_lengths=net_input["src_lengths"])
+
+        out_tok = decode(net_input["prev_output_tokens"])
+        gold_ls, tok_nll, tok_kd = self.token_terms(model, out_tok, sample, per_sentence=True)
+        tok_loss = self.token_loss(gold_ls, tok_kd)
+        sent = teacher_target_sample(sample, self.padding_idx)
+        out_sent = decode(sent["net_input"]["prev_output_tokens"])
+        bsz = sent["target"].size(0)
+        sent_loss, sent_nll = label_smoothed_nll_loss(
+            model.get_normalized_probs(out_sent, log_probs=True).view(-1, out_sent[0].size(-1)),
+            sent["target"].view(-1), self.eps, ignore_index=self.padding_idx, reduce=False)
+        sent_loss, sent_nll = sent_loss.view(bsz, -1).sum(1), sent_nll.view(bsz, -1).sum(1)
+
+        n_gold = sample["target"].ne(self.padding_idx).sum(1).to(tok_kd)
+        n_teacher = sent["target"].ne(self.padding_idx).sum(1).to(tok_kd)
+        padding_mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        logits = self.gate(encoder_out["encoder_out"][0], padding_mask)
+        g = self.mix_weights(logits, bsz, tok_kd.device)
+        loss = (g * tok_loss + (1 - g) * sent_loss).sum()
+        if self.gold_weight > 0:
+            loss = loss + self.gold_weight * gold_ls.sum()
+
+        if self.sentence_avg:
+            sample_size = float(bsz)
+        else:
+            sample_size = float((g * n_gold + (1 - g) * n_teacher).sum())
+        logging_output = {
+            "loss": loss.data, "nll_loss": tok_nll.sum().data, "kd_loss": tok_kd.sum().data,
+            "sent_nll_loss": sent_nll.sum().data, "ntokens": sample["ntokens"],
+            "teacher_ntokens": sent["ntokens"], "nsentences": bsz, "sample_size": sample_size,
+            "gate": g.sum().item(), "gate_sq": (g * g).sum().item(),
+        }
+        if logits is not None:
+            target = self.benefit(tok_kd / n_gold.clamp(min=1), sent_nll.detach() / n_teacher.clamp(min=1),
+                                  update=self.training)
+            aux = gate_loss(logits.float(), target)
+            loss = loss + self.gate_weight * aux * (sample_size / bsz)
+            logging_output["gate_loss"] = aux.data
+            logging_output["gate_target"] = target.sum().item()
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs):
+        super().reduce_metrics(logging_outputs)
+        cls.log_per_token("sent_nll_loss", logging_outputs, "teacher_ntokens")
+        n = sum(log.get("nsentences", 0) for log in logging_outputs)
+        if n > 0:
+            mean = sum(log.get("gate", 0) for log in logging_outputs) / n
+            sq = sum(log.get("gate_sq", 0) for log in logging_outputs) / n
+            metrics.log_scalar("gate", mean, n, round=3)
+            metrics.log_scalar("gate_std", max(sq - mean * mean, 0.0) ** 0.5, n, round=3)
+            if any("gate_target" in log for log in logging_outputs):
+                metrics.log_scalar("gate_target", sum(log.get("gate_target", 0) for log in logging_outputs) / n,
+                                   n, round=3)

@@ -1,0 +1,125 @@
+r"""Criterion ``token_kd``: the student matches the teacher's per-token distribution.
+
+    loss = sum_t (1 - alpha) * LS-NLL(y_t) + alpha * T^2 * D(p_T(. | y_<t, x) || q_T(. | y_<t, x)) * s_t
+
+summed over non-pad gold target tokens (so ``sample_size`` keeps fairseq's meaning), with D from
+kd_plugin.divergences, p_T / q_T the teacher / student distributions at temperature T (over the teacher's
+top-K when --kd-topk K > 0) and s_t the selective-KD mask (1 for --kd-select all).
+alpha = 0 reproduces label_smoothed_cross_entropy exactly.
+"""
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
+)
+from fairseq.dataclass import ChoiceEnum
+
+from kd_plugin.checks import KDConfigError
+from kd_plugin.criterions.base import KDCriterionBase, check_range
+from kd_plugin.divergences import DIVERGENCES, get_divergence
+from kd_plugin.selection import GlobalCEQueue, select_batch
+from kd_plugin.signals import TEACHER, aligned_log_probs
+
+
+@dataclass
+class TokenKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    kd_alpha: float = field(default=0.5, metadata={"help": "weight of the KD term, in [0, 1]"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature T > 0 (loss scaled by T^2)"})
+    kd_divergence: ChoiceEnum(list(DIVERGENCES)) = field(
+        default="forward_kl", metadata={"help": "divergence D(teacher || student)"})
+    kd_js_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JS divergence, in [0, 1]"})
+    kd_skew_lambda: float = field(default=0.1, metadata={"help": "lambda of the skew KL divergences, in [0, 1]"})
+    kd_topk: int = field(default=0, metadata={"help": "KD over the teacher's top-K tokens (renormalized); 0 = all"})
+    kd_select: ChoiceEnum(["all", "batch", "global"]) = field(
+        default="all", metadata={"help": "selective KD: tokens with the highest student CE get KD"})
+    kd_select_rate: float = field(default=0.5, metadata={"help": "fraction r of tokens selected, in (0, 1]"})
+    kd_select_queue: int = field(default=30000, metadata={"help": "size of the global CE queue (--kd-select global)"})
+
+
+@register_criterion("token_kd", dataclass=TokenKDConfig)
+class TokenKDCriterion(KDCriterionBase):
+    teacher_signals = ("logits",)
+
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
+                 kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
+                 kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        check_range("--kd-alpha", kd_alpha, 0, 1)
+        check_range("--kd-temperature", kd_temperature, 0, float("inf"), lo_open=True)
+        check_range("--kd-js-beta", kd_js_beta, 0, 1)
+        check_range("--kd-skew-lambda", kd_skew_lambda, 0, 1)
+        check_range("--kd-select-rate", kd_select_rate, 0, 1, lo_open=True)
+        vocab = len(task.target_dictionary)
+        if not 0 <= kd_topk <= vocab:
+            raise KDConfigError("--kd-topk must be in [0, %d] (the target vocabulary); got %d" % (vocab, kd_topk))
+        self.alpha, self.temperature = kd_alpha, kd_temperature
+        self.divergence = get_divergence(str(kd_divergence))
+        self.div_kwargs = {"js_beta": kd_js_beta, "skew_lambda": kd_skew_lambda}
+        self.teacher_topk = kd_topk
+        self.select_mode, self.select_rate = str(kd_select), kd_select_rate
+        self.ce_queue = GlobalCEQueue(kd_select_queue) if self.select_mode == "global" else None
+
+    def select(self, ce):
+        """Selective-KD mask over the N target tokens, from their student cross-entropies ``ce``."""
+        if self.select_mode == "batch":
+            return select_batch(ce, self.select_rate)
+        return self.ce_queue.select(ce, self.select_rate, update=self.training)
+
+    def kd_per_token(self, logits, lprobs, target, teacher):
+        """B x T tensor of T^2 * D(p_T || q_T) * s_t, zero at padding."""
+        mask = target.ne(self.padding_idx)
+        if self.ignore_prefix_size > 0:
+            mask[:, : self.ignore_prefix_size] = False
+        lp, lq = aligned_log_probs(teacher, logits, mask, self.temperature, self.teacher_topk)
+        d = self.temperature ** 2 * self.divergence(lp, lq, **self.div_kwargs)
+        if self.select_mode != "all":
+            ce = -lprobs.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)[mask]
+            d = d * self.select(ce)
+        out = d.new_zeros(mask.shape)
+        out[mask] = d
+        return out
+
+    def token_terms(self, model, net_output, sample, per_sentence=False):
+        """(ls, nll, kd): gold LS-NLL, gold NLL and KD term, as batch sums or B-vectors of sentence sums."""
+        teacher = self.require(sample, TEACHER)
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        target = model.get_targets(sample, net_output)
+        kd = self.kd_per_token(net_output[0], lprobs, target, teacher)
+        flat_lprobs, flat_target = self.get_lprobs_and_target(model, net_output, sample) \
+            if self.ignore_prefix_size > 0 else (lprobs.view(-1, lprobs.size(-1)), target.view(-1))
+        ls, nll = label_smoothed_nll_loss(flat_lprobs, flat_target, self.eps, ignore_index=self.padding_idx,
+                                          reduce=not per_sentence)
+        if per_sentence:
+            bsz = target.size(0)
+            return ls.view(bsz, -1).sum(1), nll.view(bsz, -1).sum(1), kd.sum(1)
+        return ls, nll, kd.sum()
+
+    def token_loss(self, ls, kd):
+        """(1 - alpha) * LS-NLL + alpha * KD."""
+        return (1.0 - self.alpha) * ls + self.alpha * kd
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        ls, nll, kd = self.token_terms(model, net_output, sample)
+        loss = self.token_loss(ls, kd)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data, "nll_loss": nll.data, "kd_loss": kd.data,
+            "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0), "sample_size": sample_size,
+        }
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"], logging_output["total"] = n_correct.item(), total.item()
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs):
+        super().reduce_metrics(logging_outputs)
+        cls.log_per_token("kd_loss", logging_outputs, "ntokens")
+
+    @staticmethod
+    def logging_outputs_can_be_summed():
+        return True

@@ -1,0 +1,77 @@
+"""A language-pair dataset that also serves teacher signals stored next to the data.
+
+Each extra source (teacher-decoded targets, the offline top-K cache) is indexed like the wrapped
+dataset; items are fetched per sample and collated in the batch's own order (``sample["id"]``).
+"""
+import numpy as np
+import torch
+from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
+
+from kd_plugin.signals import TEACHER_NET_INPUT, TEACHER_TARGET
+
+
+class TeacherTargets:
+    """Teacher-decoded target sentences (a fairseq indexed dataset aligned with the split)."""
+
+    key = TEACHER_TARGET
+
+    def __init__(self, dataset, dictionary, left_pad=False):
+        self.dataset, self.dictionary, self.left_pad = dataset, dictionary, left_pad
+        self.sizes = np.asarray(dataset.sizes)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def collate(self, items, sample):
+        pad, eos = self.dictionary.pad(), self.dictionary.eos()
+        sample[TEACHER_TARGET] = data_utils.collate_tokens(items, pad, eos, self.left_pad)
+        sample[TEACHER_NET_INPUT] = {
+            "prev_output_tokens": data_utils.collate_tokens(
+                items, pad, eos, self.left_pad, move_eos_to_beginning=True)
+        }
+        sample["teacher_ntokens"] = sum(len(t) for t in items)
+
+
+class KDLanguagePairDataset(BaseWrapperDataset):
+    """Wraps a LanguagePairDataset and adds ``extras`` (objects with ``key``, ``[i]`` and ``collate``)."""
+
+    def __init__(self, dataset, extras):
+        super().__init__(dataset)
+        self.extras = list(extras)
+        sizes = dataset.tgt_sizes if dataset.tgt_sizes is not None else dataset.src_sizes
+        for extra in self.extras:
+            if getattr(extra, "sizes", None) is not None:
+                sizes = np.maximum(sizes, extra.sizes)
+        self.target_sizes = sizes
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        for extra in self.extras:
+            item[extra.key] = extra[index]
+        return item
+
+    def collater(self, samples):
+        sample = self.dataset.collater(samples)
+        if not sample:
+            return sample
+        by_id = {s["id"]: s for s in samples}
+        order = [by_id[i] for i in sample["id"].tolist()]
+        for extra in self.extras:
+            extra.collate([s[extra.key] for s in order], sample)
+        return sample
+
+    # batching and size filtering also count the teacher-decoded target length (self.target_sizes)
+    def num_tokens(self, index):
+        return max(self.dataset.src_sizes[index], self.target_sizes[index])
+
+    def num_tokens_vec(self, indices):
+        return np.maximum(self.dataset.src_sizes[indices], self.target_sizes[indices])
+
+    def size(self, index):
+        return (self.dataset.src_sizes[index], self.target_sizes[index])
+
+    batch_by_size = FairseqDataset.batch_by_size
+
+    def filter_indices_by_size(self, indices, max_sizes):
+        return data_utils.filter_paired_dataset_indices_by_size(
+            self.dataset.src_sizes, self.target_sizes, indices, max_sizes)

@@ -1,0 +1,114 @@
+r"""The per-sentence gate of ``hybrid_kd`` and the signal it is trained on.
+
+Mixing, per source sentence x:  L(x) = g(x) L_token(x) + (1 - g(x)) L_sentence(x).
+
+Why not learn g by descending L itself: dL/dg = L_token - L_sentence, so plain gradient descent pushes
+g to 0 or 1 towards whichever loss is numerically smaller. The two losses live on different scales
+(a divergence to a soft distribution vs. an NLL of a one-hot sequence), so this measures units, not
+which teacher signal helps: the gate collapses. Our design therefore
+
+1. stops that gradient: L uses g(x) detached, so the loss magnitudes never train the gate;
+2. trains the gate on a bounded, scale-free *benefit* signal, by binary cross-entropy to the target
+       t(x) = sigmoid((r_sent(x) - r_tok(x)) / tau),
+       r_tok(x)  = d_tok(x)  / E[d_tok],   d_tok  = mean over x's tokens of T^2 D(p_T || q_T),
+       r_sent(x) = d_sent(x) / E[d_sent], d_sent = mean over x's teacher-target tokens of NLL,
+   with E[.] running means (so both ratios are ~1 on average, whatever their units). r_tok(x) > r_sent(x)
+   means the student finds the teacher's full distribution on x relatively harder to match than the
+   teacher's single output: x is "complex" for this student and leans to sentence-level KD, as the
+   paper's finding suggests; the reverse leans to token-level KD. The target is relative, so its
+   batch mean stays near 1/2 and it cannot drive every sentence to one side;
+3. predicts g(x) from the input alone (masked mean of the student's encoder states, detached, plus
+   log length), so the gate generalizes the benefit signal to a function of x. The last layer starts at
+   zero (g = 1/2), and --kd-gate-warmup N keeps the mix at 1/2 for the first N updates.
+
+The gate is never used at inference: it lives in the criterion (saved in the checkpoint's "criterion"
+entry, optimized with the model) and the student decodes with stock fairseq-generate.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SentenceGate(nn.Module):
+    """z(x) = w2 . tanh(W1 [LN(mean_t h_t(x)); log(1 + |x|)] + b1) + b2."""
+
+    def __init__(self, dim, hidden=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.hidden = nn.Linear(dim + 1, hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, states, padding_mask):
+        """states: T x B x C encoder output; padding_mask: B x T (True = pad) or None -> B logits."""
+        keep = states.new_ones(states.shape[:2]) if padding_mask is None else (~padding_mask).t().to(states)
+        length = keep.sum(0).clamp(min=1)
+        pooled = (states * keep.unsqueeze(-1)).sum(0) / length.unsqueeze(-1)
+        feats = torch.cat([self.norm(pooled.detach()), torch.log1p(length).unsqueeze(-1)], -1)
+        return self.out(torch.tanh(self.hidden(feats))).squeeze(-1)
+
+
+class ScalarGate(nn.Module):
+    """One learnable logit shared by every sentence."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(()))
+
+    def forward(self, states, padding_mask):
+        return self.logit.expand(states.size(1))
+
+
+class FixedGate(nn.Module):
+    """A constant gate value (no parameters)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, states, padding_mask):
+        return None
+
+
+def build_gate(spec, dim, hidden=64):
+    """``sentence`` | ``scalar`` | ``fixed:<value in [0, 1]>``."""
+    if spec == "sentence":
+        if not dim:
+            raise ValueError("--kd-gate sentence needs the student's encoder dimension (encoder_embed_dim)")
+        return SentenceGate(dim, hidden)
+    if spec == "scalar":
+        return ScalarGate()
+    if spec.startswith("fixed:"):
+        try:
+            value = float(spec[len("fixed:"):])
+        except ValueError:
+            value = -1.0
+        if 0.0 <= value <= 1.0:
+            return FixedGate(value)
+    raise ValueError("--kd-gate must be sentence, scalar or fixed:<value in [0, 1]>; got %r" % spec)
+
+
+class BenefitTarget(nn.Module):
+    """t(x) = sigmoid((d_sent(x)/E[d_sent] - d_tok(x)/E[d_tok]) / tau), running means as buffers."""
+
+    def __init__(self, tau=1.0, momentum=0.99):
+        super().__init__()
+        self.tau, self.momentum = tau, momentum
+        self.register_buffer("mean_tok", torch.zeros(()))
+        self.register_buffer("mean_sent", torch.zeros(()))
+
+    @torch.no_grad()
+    def forward(self, d_tok, d_sent, update=True):
+        if update:
+            for buf, x in ((self.mean_tok, d_tok), (self.mean_sent, d_sent)):
+                m = x.mean().to(buf)
+                buf.copy_(m if buf.item() == 0 else self.momentum * buf + (1 - self.momentum) * m)
+        r_tok = d_tok / self.mean_tok.clamp(min=1e-6)
+        r_sent = d_sent / self.mean_sent.clamp(min=1e-6)
+        return torch.sigmoid((r_sent - r_tok) / self.tau)
+
+
+def gate_loss(logits, target):
+    """Sum over sentences of BCE(sigmoid(logit), target)."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")

@@ -1,0 +1,134 @@
+"""Task ``translation_kd``: fairseq's translation task plus the teacher's signals in every sample.
+
+Signals (documented keys, see kd_plugin.signals):
+  sample["teacher"]            token-level teacher log-probs on the gold prefix: online from
+                               ``--teacher-path`` (run in train_step/valid_step) or read from ``--teacher-cache``;
+  sample["teacher_target"]     teacher-decoded targets from ``--teacher-targets`` (kd-distill-corpus output),
+  sample["teacher_net_input"]  with their ``prev_output_tokens``.
+A criterion declares what it needs in ``teacher_signals`` ({"logits", "targets"}) and the top-K it wants
+in ``teacher_topk``; the task checks this at start-up and only runs the teacher when it is needed.
+"""
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.data import data_utils
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from kd_plugin.checks import KDConfigError, dictionary_checksum
+from kd_plugin.data.kd_dataset import KDLanguagePairDataset, TeacherTargets
+from kd_plugin.signals import TEACHER
+from kd_plugin.teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TranslationKDConfig(TranslationConfig):
+    teacher_path: Optional[str] = field(
+        default=None, metadata={"help": "teacher checkpoint(s) run online, colon-separated for an ensemble "
+                                        "(probabilities averaged)"})
+    teacher_targets: Optional[str] = field(
+        default=None, metadata={"help": "directory of teacher-decoded targets written by kd-distill-corpus "
+                                        "({split}.{src}-{tgt}.{tgt}.bin/idx); defaults to --teacher-cache "
+                                        "when that directory holds them"})
+    teacher_cache: Optional[str] = field(
+        default=None, metadata={"help": "directory of cached top-K teacher log-probs written by "
+                                        "kd-dump-teacher (no teacher is loaded)"})
+
+
+def teacher_targets_prefix(directory, split, src, tgt):
+    return os.path.join(directory, "%s.%s-%s.%s" % (split, src, tgt, tgt))
+
+
+def load_teacher_targets(directory, split, src, tgt, dictionary, expected_len, left_pad):
+    """Teacher-decoded targets for ``split``, checked against the split and the target dictionary."""
+    prefix = teacher_targets_prefix(directory, split, src, tgt)
+    ds = data_utils.load_indexed_dataset(prefix, dictionary)
+    if ds is None:
+        raise KDConfigError("--teacher-targets: no teacher-decoded %s split at %s.{bin,idx} "
+                            "(make it with kd-distill-corpus --split %s)" % (split, prefix, split))
+    if len(ds) != expected_len:
+        raise KDConfigError("--teacher-targets: %s.bin holds %d sentences but the %s split has %d"
+                            % (prefix, len(ds), split, expected_len))
+    meta_file = prefix + ".json"
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("dictionary_md5") not in (None, dictionary_checksum(dictionary)):
+            raise KDConfigError("--teacher-targets: %s was built with another target dictionary" % meta_file)
+    return TeacherTargets(ds, dictionary, left_pad)
+
+
+@register_task("translation_kd", dataclass=TranslationKDConfig)
+class TranslationKDTask(TranslationTask):
+    cfg: TranslationKDConfig
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.teacher = None
+        self.student_dim = None
+
+    @property
+    def targets_dir(self):
+        """--teacher-targets, or the cache directory when it also holds teacher-decoded targets."""
+        if self.cfg.teacher_targets or not self.cfg.teacher_cache:
+            return self.cfg.teacher_targets
+        probe = teacher_targets_prefix(self.cfg.teacher_cache, self.cfg.train_subset,
+                                       self.cfg.source_lang, self.cfg.target_lang) + ".idx"
+        return self.cfg.teacher_cache if os.path.isfile(probe) else None
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        extras = []
+        if self.targets_dir:
+            extras.append(load_teacher_targets(
+                self.targets_dir, split, self.cfg.source_lang, self.cfg.target_lang,
+                self.tgt_dict, len(self.datasets[split]), self.cfg.left_pad_target))
+        if self.cfg.teacher_cache:
+            from kd_plugin.data.teacher_cache import load_teacher_cache
+
+            extras.append(load_teacher_cache(self.cfg.teacher_cache, split, self.datasets[split], self.tgt_dict))
+        if extras:
+            self.datasets[split] = KDLanguagePairDataset(self.datasets[split], extras)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        self.student_dim = getattr(cfg, "encoder_embed_dim", None)
+        return model
+
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
+        needs = set(getattr(criterion, "teacher_signals", ()))
+        name = getattr(cfg, "_name", type(criterion).__name__)
+        if "logits" in needs and not (self.cfg.teacher_path or self.cfg.teacher_cache):
+            raise KDConfigError("criterion %s needs teacher logits: pass --teacher-path (online teacher) or "
+                                "--teacher-cache (made by kd-dump-teacher)" % name)
+        if "targets" in needs and not self.targets_dir:
+            raise KDConfigError("criterion %s needs teacher-decoded targets: pass --teacher-targets DIR "
+                                "(made by kd-distill-corpus)" % name)
+        if "logits" in needs and not self.cfg.teacher_cache and self.teacher is None:
+            self.teacher = Teacher.load(self.cfg.teacher_path, self)
+        return criterion
+
+    def add_teacher_signal(self, sample, model, criterion):
+        """Run the online teacher on the batch if the criterion needs its logits."""
+        criterion = getattr(criterion, "module", criterion)  # DDP-wrapped criterion
+        if (self.teacher is None or not sample or TEACHER in sample
+                or "logits" not in getattr(criterion, "teacher_signals", ())):
+            return
+        sample[TEACHER] = self.teacher.signal(sample["net_input"], model,
+                                              topk=getattr(criterion, "teacher_topk", 0))
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.add_teacher_signal(sample, model, criterion)
+        if hasattr(getattr(criterion, "module", criterion), "set_num_updates"):
+            getattr(criterion, "module", criterion).set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        self.add_teacher_signal(sample, model, criterion)
+        return super().valid_step(sample, model, criterion)

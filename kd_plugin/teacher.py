@@ -1,0 +1,79 @@
+r"""Loading and running the teacher (one checkpoint or an ensemble) for the translation_kd task.
+
+The ensemble's distribution is the average of the members' probabilities:
+    log p(y) = logsumexp_m log p_m(y) - log M
+The teacher lives in the task (never in the model or criterion), so it is never saved with the student.
+"""
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from fairseq import checkpoint_utils, models
+
+from kd_plugin.checks import KDConfigError, check_dictionaries_match, check_finite
+from kd_plugin.signals import topk_signal
+
+logger = logging.getLogger(__name__)
+
+
+def read_checkpoint(path, flag="--teacher-path"):
+    """A fairseq checkpoint's state dict, or one clear error naming the file."""
+    if not os.path.isfile(path):
+        raise KDConfigError("%s: teacher checkpoint not found: %s" % (flag, path))
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise KDConfigError(
+            "%s: %s is not a readable fairseq checkpoint (%s: %s)" % (flag, path, type(e).__name__, e)
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or state.get("cfg") is None:
+        raise KDConfigError("%s: %s is not a fairseq checkpoint (no 'model'/'cfg' entries)" % (flag, path))
+    return state
+
+
+class Teacher:
+    """A frozen teacher ensemble producing token-level signals for the criterions."""
+
+    def __init__(self, members, paths):
+        self.models = members
+        self.paths = paths
+
+    @classmethod
+    def load(cls, spec, task):
+        """``spec`` is ``A.pt[:B.pt...]``; every member must use the task's dictionaries."""
+        paths = [p for p in spec.split(":") if p]
+        if not paths:
+            raise KDConfigError("--teacher-path is empty")
+        members = []
+        for path in paths:
+            state = read_checkpoint(path)
+            check_dictionaries_match(path, state, task)
+            model = models.build_model(state["cfg"].model, task, from_checkpoint=True)
+            model.load_state_dict(state["model"], strict=True, model_cfg=state["cfg"].model)
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            members.append(model)
+            logger.info("teacher %s: %d parameters", path, sum(p.numel() for p in model.parameters()))
+        return cls(members, paths)
+
+    def _follow(self, ref):
+        """Put the teacher on the student's device and dtype (once, on first use)."""
+        for i, m in enumerate(self.models):
+            p = next(m.parameters())
+            if p.device != ref.device or p.dtype != ref.dtype:
+                self.models[i] = m.to(device=ref.device, dtype=ref.dtype)
+
+    def signal(self, net_input, student, topk=0):
+        """Teacher log-probs for the gold prefix in ``net_input``: a signal dict (see kd_plugin.signals)."""
+        self._follow(next(student.parameters()))
+        with torch.inference_mode():
+            logits = [m(**net_input)[0] for m in self.models]
+        with torch.no_grad():  # outside inference mode: results are ordinary tensors usable in autograd
+            for path, x in zip(self.paths, logits):
+                check_finite(x, "teacher %s produced NaN/inf logits" % path)
+            lps = [F.log_softmax(x, dim=-1, dtype=torch.float32) for x in logits]
+            lprobs = lps[0] if len(lps) == 1 else torch.logsumexp(torch.stack(lps), 0) - math.log(len(lps))
+            return topk_signal(lprobs, topk) if topk else {"lprobs": lprobs}
