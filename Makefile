@@ -14,9 +14,10 @@ $(STAMP): $(SETUP_DEPS)
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q "numpy<2.3" hydra-core==1.3.2 omegaconf==2.3.0 bitarray "sacrebleu==2.6.*" regex \
 	    sentencepiece cython pytest matplotlib tensorboardX
-	$(VPY) -c "import fairseq" 2>/dev/null || $(VPY) -m pip install -q --no-deps fairseq==0.12.2
+	$(VPY) -m pip show -q fairseq 2>/dev/null || $(VPY) -m pip install -q --no-deps fairseq==0.12.2
 	$(VPY) scripts/fairseq_compat.py
-	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	cd / && $(abspath $(VPY)) -c "import kd_plugin.cli.gate_dump"  # the editable install really resolves
 	touch $(STAMP)
 
 test: setup

@@ -9,14 +9,17 @@ which teacher signal helps: the gate collapses. Our design therefore
 
 1. stops that gradient: L uses g(x) detached, so the loss magnitudes never train the gate;
 2. trains the gate on a bounded, scale-free *benefit* signal, by binary cross-entropy to the target
-       t(x) = sigmoid((r_sent(x) - r_tok(x)) / tau),
+       t(x) = sigmoid(z(x) / tau),   z = standardize over the batch of  r_sent(x) - r_tok(x),
        r_tok(x)  = d_tok(x)  / E[d_tok],   d_tok  = mean over x's tokens of T^2 D(p_T || q_T),
        r_sent(x) = d_sent(x) / E[d_sent], d_sent = mean over x's teacher-target tokens of NLL,
    with E[.] running means (so both ratios are ~1 on average, whatever their units). r_tok(x) > r_sent(x)
    means the student finds the teacher's full distribution on x relatively harder to match than the
    teacher's single output: x is "complex" for this student and leans to sentence-level KD, as the
-   paper's finding suggests; the reverse leans to token-level KD. The target is relative, so its
-   batch mean stays near 1/2 and it cannot drive every sentence to one side;
+   paper's finding suggests; the reverse leans to token-level KD. The target is relative (standardized
+   within the batch), so its mean stays at ~1/2 and it cannot drive every sentence to one side; its
+   spread does not depend on how much the raw ratios vary (tau sets it: std(t) ~ 0.2 at tau = 1).
+   The gate therefore *reallocates* between the two signals per sentence around an even mix; it does
+   not learn a global preference for one of them (a limitation, see docs/GATE.md);
 3. predicts g(x) from the input alone (masked mean of the student's encoder states, detached, plus
    log length), so the gate generalizes the benefit signal to a function of x. The last layer starts at
    zero (g = 1/2), and --kd-gate-warmup N keeps the mix at 1/2 for the first N updates.
@@ -90,7 +93,7 @@ def build_gate(spec, dim, hidden=64):
 
 
 class BenefitTarget(nn.Module):
-    """t(x) = sigmoid((d_sent(x)/E[d_sent] - d_tok(x)/E[d_tok]) / tau), running means as buffers."""
+    """t(x) = sigmoid(standardize(d_sent(x)/E[d_sent] - d_tok(x)/E[d_tok]) / tau), running means as buffers."""
 
     def __init__(self, tau=1.0, momentum=0.99):
         super().__init__()
@@ -104,9 +107,10 @@ class BenefitTarget(nn.Module):
             for buf, x in ((self.mean_tok, d_tok), (self.mean_sent, d_sent)):
                 m = x.mean().to(buf)
                 buf.copy_(m if buf.item() == 0 else self.momentum * buf + (1 - self.momentum) * m)
-        r_tok = d_tok / self.mean_tok.clamp(min=1e-6)
-        r_sent = d_sent / self.mean_sent.clamp(min=1e-6)
-        return torch.sigmoid((r_sent - r_tok) / self.tau)
+        diff = d_sent / self.mean_sent.clamp(min=1e-6) - d_tok / self.mean_tok.clamp(min=1e-6)
+        if diff.numel() < 2:
+            return torch.full_like(diff, 0.5)
+        return torch.sigmoid((diff - diff.mean()) / (diff.std() + 1e-6) / self.tau)
 
 
 def gate_loss(logits, target):

@@ -32,3 +32,15 @@ def teacher(tmp_path_factory, data_bin):
 @pytest.fixture(scope="session")
 def teacher2(tmp_path_factory, data_bin):
     return _teacher(tmp_path_factory, data_bin, 2)
+
+
+@pytest.fixture(scope="session")
+def teacher_targets(tmp_path_factory, data_bin, teacher):
+    """Teacher-decoded train and valid targets (kd-distill-corpus, beam 4) in one directory."""
+    from helpers import run
+
+    out = str(tmp_path_factory.mktemp("distill") / "targets")
+    for split in ("train", "valid"):
+        run("kd-distill-corpus", "--data", data_bin, "--path", teacher, "--split", split, "--out", out,
+            "--beam", "4", "--max-tokens", "4000")
+    return out

@@ -117,6 +117,7 @@ class HybridKDCriterion(TokenKDCriterion):
             loss = loss + self.gate_weight * aux * (sample_size / bsz)
             logging_output["gate_loss"] = aux.data
             logging_output["gate_target"] = target.sum().item()
+            logging_output["gate_target_sq"] = (target * target).sum().item()
         return loss, sample_size, logging_output
 
     @classmethod
@@ -124,11 +125,9 @@ class HybridKDCriterion(TokenKDCriterion):
         super().reduce_metrics(logging_outputs)
         cls.log_per_token("sent_nll_loss", logging_outputs, "teacher_ntokens")
         n = sum(log.get("nsentences", 0) for log in logging_outputs)
-        if n > 0:
-            mean = sum(log.get("gate", 0) for log in logging_outputs) / n
-            sq = sum(log.get("gate_sq", 0) for log in logging_outputs) / n
-            metrics.log_scalar("gate", mean, n, round=3)
-            metrics.log_scalar("gate_std", max(sq - mean * mean, 0.0) ** 0.5, n, round=3)
-            if any("gate_target" in log for log in logging_outputs):
-                metrics.log_scalar("gate_target", sum(log.get("gate_target", 0) for log in logging_outputs) / n,
-                                   n, round=3)
+        for name in ("gate", "gate_target"):
+            if n > 0 and any(name in log for log in logging_outputs):
+                mean = sum(log.get(name, 0) for log in logging_outputs) / n
+                sq = sum(log.get(name + "_sq", 0) for log in logging_outputs) / n
+                metrics.log_scalar(name, mean, n, round=3)
+                metrics.log_scalar(name + "_std", max(sq - mean * mean, 0.0) ** 0.5, n, round=3)

@@ -1,0 +1,243 @@
+r"""kd-distill-corpus: a binarized split decoded by the teacher, for sentence-level KD (Kim & Rush, 2016).
+
+    kd-distill-corpus --data DATA_BIN --path T.pt[:T2.pt] --split train --out DIR
+                      [--beam 5] [--lenpen 1.0] [--max-len-a 0] [--max-len-b 200]
+                      [--max-tokens 4000 | --batch-size N] [--num-shards N --shard-id I] [--overwrite]
+    kd-distill-corpus merge --out DIR --split train [--source-lang S --target-lang T] [--overwrite]
+
+For every sentence x_i of the split, y^_i = the 1-best of fairseq's beam search under the teacher
+(an ensemble averages the members' probabilities, fairseq's EnsembleModel); y^_i is exactly the ``H-i``
+line of ``fairseq-generate DATA --path T.pt --gen-subset SPLIT`` with the same flags. Output prefix
+DIR/{split}.{src}-{tgt}.{tgt} (what ``--task translation_kd --teacher-targets DIR`` loads):
+
+  .bin/.idx  y^_i as target-dictionary ids ending with eos (an empty hypothesis is just eos), entry i
+             for sentence i, written like fairseq-preprocess output (MMapIndexedDataset, smallest dtype);
+  .txt       y^_i as text (tgt_dict.string), one line each, for inspection;
+  .json      split, split_size, count, range, dictionary_md5 (kd_plugin.checks.dictionary_checksum of the
+             target dictionary, checked by the task), teachers (path + sha256), generation and batching flags.
+
+Sharding: ``--num-shards N --shard-id I`` decodes the contiguous index range
+[floor(n I / N), floor(n (I+1) / N)) of the n sentences into DIR/shards/{split}.{src}-{tgt}.{tgt}.shard{I}of{N}.*;
+``merge`` concatenates the N shards in order into DIR/{split}.{src}-{tgt}.{tgt}.* after checking that
+they were made from the same data, teacher (sha256) and flags and cover [0, n) exactly. The shard files
+are kept (DIR/shards can be deleted after merging).
+
+Determinism: for fixed data, teacher and flags the output is fixed. Sharding only changes which
+sentences share a batch, which matters in two ways: with --max-len-a > 0 fairseq's length limit is
+a * (longest source in the batch) + b, so keep --max-len-a 0 (default) for sharding-invariant output;
+and padding changes matrix shapes, which could flip a float32 tie. On CPU (float32) the toy tests find
+sharded + merged output byte-identical to an unsharded run with the same batching flags, and
+identical to fairseq-generate's (batch-size-12000-token) hypotheses.
+
+Safety: existing output is refused unless --overwrite (nothing is written); files are written under a
+temporary directory in DIR and renamed into place at the end, .idx last (see cli.common.AtomicOutput),
+so an interrupted run never leaves a loadable half-written dataset. Bad input exits with status 2 and
+one message.
+"""
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.data.indexed_dataset import (MMapIndexedDataset, MMapIndexedDatasetBuilder, best_fitting_int_dtype,
+                                          data_file_path, index_file_path)
+
+from kd_plugin.checks import KDConfigError, dictionary_checksum
+from kd_plugin.cli import common
+from kd_plugin.tasks.translation_kd import teacher_targets_prefix
+
+logger = logging.getLogger("kd_plugin.cli.distill_corpus")
+
+PROG = "kd-distill-corpus"
+SUFFIXES = (".json", ".txt", ".bin", ".idx")  # .idx last: it commits the dataset
+# metadata that may differ between shards of one run (e.g. made on machines with other mount points)
+NOT_COMPARED = common.SHARD_KEYS + ("data", "teacher_paths")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Decode a fairseq binarized split with a teacher for sentence-level KD.",
+        epilog="merge shards: %s merge --out DIR --split SPLIT (see '%s merge --help')" % (PROG, PROG))
+    common.add_data_args(parser)
+    common.add_teacher_args(parser)
+    g = parser.add_argument_group("beam search (fairseq-generate's flags)")
+    g.add_argument("--beam", type=common.positive_int, default=5)
+    g.add_argument("--lenpen", type=float, default=1.0, help="length penalty (scores / length^lenpen)")
+    g.add_argument("--max-len-a", type=float, default=0, help="max length = a * source length + b")
+    g.add_argument("--max-len-b", type=int, default=200)
+    common.add_batch_args(parser)
+    common.add_output_args(parser)
+    return parser
+
+
+def get_merge_parser():
+    parser = argparse.ArgumentParser(prog=PROG + " merge",
+                                     description="Concatenate DIR/shards/{split}.*.shard{I}of{N} in order.")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the --out of the sharded runs")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("-s", "--source-lang", default=None)
+    parser.add_argument("-t", "--target-lang", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing merged output")
+    return parser
+
+
+class Hypotheses:
+    """Token sequences for the indices [lo, hi), added in batch order, read back in index order.
+
+    Kept as one flat array per batch (no per-sentence objects), so memory is about the output size.
+    """
+
+    def __init__(self, lo, hi, dtype):
+        self.lo, self.dtype = lo, dtype
+        self.offsets = np.full(hi - lo, -1, dtype=np.int64)
+        self.lengths = np.zeros(hi - lo, dtype=np.int64)
+        self.chunks, self.total = [], 0
+
+    def add(self, ids, seqs):
+        for i, s in zip(ids, seqs):
+            if self.offsets[i - self.lo] >= 0:
+                raise RuntimeError("sentence %d decoded twice" % i)
+            self.offsets[i - self.lo], self.lengths[i - self.lo] = self.total, len(s)
+            self.total += len(s)
+        self.chunks.append(np.concatenate(seqs).astype(self.dtype))
+
+    def __iter__(self):
+        missing = np.flatnonzero(self.offsets < 0)
+        if len(missing):
+            raise RuntimeError("%d sentences were not decoded, e.g. %d" % (len(missing), missing[0] + self.lo))
+        flat = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=self.dtype)
+        for off, n in zip(self.offsets, self.lengths):
+            yield flat[off:off + n]
+
+
+def hypothesis_tokens(hypo, eos):
+    """The 1-best's ids as fairseq-preprocess stores a sentence: ending with (exactly one) eos."""
+    tokens = hypo["tokens"].cpu().numpy()
+    return tokens if len(tokens) and tokens[-1] == eos else np.append(tokens, eos)
+
+
+def decode(task, models, gen_cfg, itr, hyps, progress, cuda):
+    """Beam-search every batch of ``itr``; the 1-best goes into ``hyps`` by sample id."""
+    generator = task.build_generator(models, gen_cfg)
+    eos = task.target_dictionary.eos()
+    for sample in itr:
+        if cuda:
+            sample = utils.move_to_cuda(sample)
+        if "net_input" not in sample:  # empty batch
+            continue
+        out = task.inference_step(generator, models, sample)
+        ids = sample["id"].tolist()
+        hyps.add(ids, [hypothesis_tokens(h[0], eos) for h in out])
+        progress.update(len(ids))
+    progress.finish()
+
+
+def write_output(prefix, seqs, dictionary, dtype, meta):
+    """``prefix``.bin/.idx (indexed dataset), .txt (one line per sentence) and .json (``meta``)."""
+    builder = MMapIndexedDatasetBuilder(data_file_path(prefix), dtype=dtype)
+    with open(prefix + ".txt", "w", encoding="utf-8") as txt:
+        for s in seqs:
+            tokens = torch.from_numpy(s.astype(np.int64))
+            builder.add_item(tokens)
+            txt.write(dictionary.string(tokens) + "\n")
+    builder.finalize(index_file_path(prefix))
+    common.write_json(prefix + ".json", meta)
+
+
+def distill(args):
+    common.check_batch_args(args)
+    cfg = common.fairseq_config(args.data, args.source_lang, args.target_lang, "--beam", args.beam, "--nbest", 1,
+                                "--lenpen", args.lenpen, "--max-len-a", args.max_len_a, "--max-len-b", args.max_len_b)
+    task = common.setup_task(cfg)
+    src, tgt, tgt_dict = task.cfg.source_lang, task.cfg.target_lang, task.target_dictionary
+    dataset = common.load_split(task, args.split)
+    lo, hi = common.shard_range(len(dataset), args.num_shards, args.shard_id)
+    prefix = teacher_targets_prefix(args.out, args.split, src, tgt)
+    if args.num_shards > 1:
+        prefix = common.shard_prefix(prefix, args.shard_id, args.num_shards)
+    out = common.AtomicOutput(prefix, SUFFIXES, args.overwrite)  # refuses existing output before any work
+
+    cuda = common.use_cuda(args)
+    models, paths = common.load_ensemble(args.path, task, cuda=cuda)
+    for m in models:
+        m.prepare_for_inference_(SimpleNamespace(generation=cfg.generation))
+    teachers = common.teacher_info(paths)
+    meta = {
+        "split": args.split, "source_lang": src, "target_lang": tgt, "data": os.path.abspath(args.data),
+        "split_size": len(dataset), "count": hi - lo, "range": [lo, hi],
+        "shard": {"id": args.shard_id, "num_shards": args.num_shards},
+        "dictionary_md5": dictionary_checksum(tgt_dict),
+        "teacher_sha256": [t["sha256"] for t in teachers], "teacher_paths": [t["path"] for t in teachers],
+        "generation": {"beam": args.beam, "nbest": 1, "lenpen": args.lenpen,
+                       "max_len_a": args.max_len_a, "max_len_b": args.max_len_b},
+        "batching": {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "seed": args.seed},
+    }
+    logger.info("decoding %s sentences [%d, %d) of %d with beam %d into %s", args.split, lo, hi, len(dataset),
+                args.beam, prefix)
+    itr = common.batch_iterator(task, dataset, models, (lo, hi), args.max_tokens, args.batch_size, args.seed)
+    dtype = best_fitting_int_dtype(len(tgt_dict))
+    hyps = Hypotheses(lo, hi, dtype)
+    decode(task, models, cfg.generation, itr, hyps,
+           common.Progress(args.split, hi - lo, args.log_interval), cuda)
+    with out:
+        write_output(out.tmp_prefix, hyps, tgt_dict, dtype, meta)
+    logger.info("wrote %s{%s}", prefix, ",".join(SUFFIXES))
+
+
+def _count_lines(path):
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def merge(args):
+    if (args.source_lang is None) != (args.target_lang is None):
+        raise KDConfigError("merge: pass both --source-lang and --target-lang, or neither")
+    if args.source_lang:
+        wanted = os.path.basename(teacher_targets_prefix("", args.split, args.source_lang, args.target_lang))
+        accept = wanted.__eq__
+    else:
+        accept = re.compile(r"^%s\.[^.]+-[^.]+\.[^.]+$" % re.escape(args.split)).match
+    name, prefixes = common.find_shards(args.out, accept)
+    for p in prefixes:
+        for suffix in SUFFIXES:
+            if not os.path.isfile(p + suffix):
+                raise KDConfigError("merge: incomplete shard, no %s" % (p + suffix))
+    metas = [common.read_json(p + ".json") for p in prefixes]
+    meta = common.merge_shard_metas(metas, [p + ".json" for p in prefixes], ignore=NOT_COMPARED)
+    indexes = [MMapIndexedDataset.Index(index_file_path(p)) for p in prefixes]
+    for p, m, index in zip(prefixes, metas, indexes):
+        if len(index) != m["count"] or _count_lines(p + ".txt") != m["count"]:
+            raise KDConfigError("merge: %s.{idx,txt} do not hold the %d sentences its .json announces" % (p, m["count"]))
+        if index.dtype != indexes[0].dtype:
+            raise KDConfigError("merge: %s.idx stores %s, %s.idx stores %s"
+                                % (p, np.dtype(index.dtype), prefixes[0], np.dtype(indexes[0].dtype)))
+    out = common.AtomicOutput(os.path.join(args.out, name), SUFFIXES, args.overwrite)
+    with out:
+        builder = MMapIndexedDatasetBuilder(data_file_path(out.tmp_prefix), dtype=indexes[0].dtype)
+        with open(out.tmp_prefix + ".txt", "wb") as txt:
+            for p in prefixes:
+                builder.merge_file_(p)
+                with open(p + ".txt", "rb") as f:
+                    shutil.copyfileobj(f, txt)
+        builder.finalize(index_file_path(out.tmp_prefix))
+        common.write_json(out.tmp_prefix + ".json", meta)
+    logger.info("merged %d shards (%d sentences) into %s{%s}", len(prefixes), meta["count"], out.prefix,
+                ",".join(SUFFIXES))
+
+
+def cli_main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        common.run_cli(merge, get_merge_parser().parse_args(argv[1:]), PROG + " merge")
+    else:
+        common.run_cli(distill, get_parser().parse_args(argv), PROG)
+
+
+if __name__ == "__main__":
+    cli_main()
