@@ -50,5 +50,8 @@ def patch_encoder_fast_path():
 
 @functools.lru_cache(maxsize=None)
 def apply():
+    from kd_plugin.criterions.state import patch_trainer
+
     patch_checkpoint_load()
     patch_encoder_fast_path()
+    patch_trainer()  # not a compatibility fix: keeps parameter-less criterion state across resumes
