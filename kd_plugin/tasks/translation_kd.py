@@ -110,6 +110,10 @@ class TranslationKDTask(TranslationTask):
         if "targets" in needs and not self.targets_dir:
             raise KDConfigError("criterion %s needs teacher-decoded targets: pass --teacher-targets DIR "
                                 "(made by kd-distill-corpus)" % name)
+        if "logits" in needs and self.cfg.teacher_cache:
+            from kd_plugin.data.teacher_cache import check_cache_topk
+
+            check_cache_topk(self.cfg.teacher_cache, getattr(criterion, "teacher_topk", 0))
         if "logits" in needs and not self.cfg.teacher_cache and self.teacher is None:
             self.teacher = Teacher.load(self.cfg.teacher_path, self)
         return criterion
