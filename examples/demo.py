@@ -31,6 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts live next to its python
 SRC, TGT = "de", "en"
 SPLITS = ("train", "valid", "test")
+# Beam search shared by evaluation and distillation; the length cap (1.2 * source + 10) keeps a weak model's
+# degenerate repetitions from running to 200 tokens, which would dominate CPU decoding time.
+BEAM = ["--beam", "5", "--max-len-a", "1.2", "--max-len-b", "10"]
 
 # Extra fairseq-train arguments of each student, formatted with {user_dir}, {teacher}, {distill}.
 # "{teacher}" makes a student depend on the teacher checkpoint, "{distill}" on kd-distill-corpus's output.
@@ -225,7 +228,7 @@ def student_args(p, name):
 
 def distill_cmd(p, split):
     return [tool("kd-distill-corpus"), "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"),
-            "--split", split, "--out", p.path("distill"), "--beam", "5", "--max-tokens", "4000"]
+            "--split", split, "--out", p.path("distill"), "--max-tokens", "4000"] + BEAM
 
 
 def count_params(ckpt):
@@ -251,7 +254,7 @@ def generate_cmd(p, name):
     """STOCK fairseq-generate (no --user-dir): the students are plain fairseq transformers."""
     return [tool("fairseq-generate"), p.path("data-bin"), "--path", checkpoint(p, name),
             "--source-lang", SRC, "--target-lang", TGT, "--gen-subset", "test",
-            "--beam", "5", "--batch-size", "64", "--remove-bpe", "sentencepiece"]
+            "--batch-size", "64", "--remove-bpe", "sentencepiece"] + BEAM
 
 
 def hypotheses(log, n):
@@ -346,7 +349,8 @@ def report(p, results):
         lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam 5): %.0f s, "
                      "not included in the sentence/hybrid train times" % distill)
     lines += [
-        "- Decoding: stock `fairseq-generate --beam 5 --batch-size 64 --remove-bpe sentencepiece` (no --user-dir)",
+        "- Decoding: stock `fairseq-generate %s --batch-size 64 --remove-bpe sentencepiece` (no --user-dir)"
+        % " ".join(BEAM),
         "- sacreBLEU: BLEU `%s`, chrF `%s`" % (first["bleu_signature"], first["chrf_signature"]),
         "",
     ]

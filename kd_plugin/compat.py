@@ -48,10 +48,44 @@ def patch_encoder_fast_path():
         setattr(layer, _APPLIED, True)
 
 
+def _stop_background_consumers(timeout=10.0):
+    """Let fairseq's batch-prefetch threads finish before the interpreter tears down.
+
+    fairseq's BufferedIterator collates batches in a daemon thread. When training stops mid-epoch
+    (--max-update), that thread may still be inside torch code when Python finalizes, and the process
+    aborts after "done training" with "terminate called without an active exception" (exit 134), seen
+    here under CPU load. We ask each such thread to stop after its current batch and drain its queue
+    until it exits.
+    """
+    import queue
+    import threading
+    import time
+
+    from fairseq.data.iterators import BackgroundConsumer
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if not isinstance(thread, BackgroundConsumer):
+            continue
+        thread._max_len = 0  # its loop breaks after the batch in hand
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                thread._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def patch_clean_shutdown():
+    import atexit
+
+    atexit.register(_stop_background_consumers)
+
+
 @functools.lru_cache(maxsize=None)
 def apply():
     from kd_plugin.criterions.state import patch_trainer
 
     patch_checkpoint_load()
     patch_encoder_fast_path()
+    patch_clean_shutdown()
     patch_trainer()  # not a compatibility fix: keeps parameter-less criterion state across resumes

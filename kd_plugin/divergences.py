@@ -4,6 +4,9 @@ Every function is pure: it takes normalized log-probabilities ``lp`` (teacher) a
 shape (..., C) over the same support (full vocabulary or a top-K subset) and returns shape (...).
 Temperature, top-K and masking are applied by the caller (see :mod:`kd_plugin.signals`).
 
+:func:`fused_forward_kl` is the memory-lean path of the common case (forward KL over the full vocabulary):
+masking, temperature and the divergence in row chunks, with an analytic backward (see its doc).
+
     forward_kl       KL(p||q)   = sum_c p_c (log p_c - log q_c)                    (mean-seeking)
     reverse_kl       KL(q||p)   = sum_c q_c (log q_c - log p_c)                    (mode-seeking)
     js               JS_b(p,q)  = b KL(p||m) + (1-b) KL(q||m),  m = b p + (1-b) q  (b = --kd-js-beta)
@@ -14,6 +17,9 @@ Temperature, top-K and masking are applied by the caller (see :mod:`kd_plugin.si
 import math
 
 import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 21  # rows x vocab per chunk of fused_forward_kl (8 MiB of float32)
 
 
 def _kl(lp, lq):
@@ -52,6 +58,58 @@ def skew_forward_kl(lp, lq, skew_lambda=0.1, **_):
 
 def skew_reverse_kl(lp, lq, skew_lambda=0.1, **_):
     return _kl(lq, _log_mix(lq, lp, skew_lambda))
+
+
+def _tempered(lprobs, rows, temperature):
+    """log_softmax(lprobs[rows] / T) in (at least) float32; log-probs are used as they are at T = 1."""
+    x = lprobs.index_select(0, rows)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if temperature == 1 else F.log_softmax(x / temperature, dim=-1)
+
+
+class _FusedForwardKL(torch.autograd.Function):
+    r"""KL(p_T || q_T) of the selected rows; saves only references to its inputs and recomputes in backward.
+
+        d KL(p_T || q_T) / d lq = (q_T - p_T) / T      (lq: the student log-probs, before the / T)
+    """
+
+    @staticmethod
+    def forward(ctx, lq, lp, rows, temperature):
+        chunk = max(1, CHUNK_ELEMENTS // max(1, lq.size(-1)))
+        out = torch.empty(len(rows), dtype=torch.promote_types(lq.dtype, torch.float32), device=lq.device)
+        for i in range(0, len(rows), chunk):
+            r = rows[i: i + chunk]
+            out[i: i + chunk] = _kl(_tempered(lp, r, temperature), _tempered(lq, r, temperature))
+        ctx.save_for_backward(lq, lp, rows)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lq, lp, rows = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        grad = torch.zeros_like(lq)
+        for i in range(0, len(rows), chunk):
+            r = rows[i: i + chunk]
+            g = (_tempered(lq, r, t).exp_() - _tempered(lp, r, t).exp_()).mul_(grad_out[i: i + chunk, None] / t)
+            grad.index_copy_(0, r, g.to(grad.dtype))
+        return grad, None, None, None
+
+
+def fused_forward_kl(lq, lp, mask, temperature=1.0):
+    r"""KL(p_T || q_T) at the ``mask``ed positions, full vocabulary: the same values as
+    ``forward_kl(*aligned_log_probs({"lprobs": lp}, lq, mask, temperature))``, differentiable w.r.t. ``lq``.
+
+    lq / lp: student / teacher log-probabilities (normalized, any float dtype), shape (..., V); mask: (...)
+    bool. Returns the N = mask.sum() values in mask order, in float32 (float64 for float64 inputs).
+    Memory: neither the masked rows nor any (N x V) intermediate is kept for backward; each chunk of
+    rows is recomputed there, so the extra peak is the gradient w.r.t. ``lq`` (one tensor of its shape).
+    Pass the student's log-probs (not logits): the log_softmax that made them has saved them anyway,
+    and the gradient (q_T - p_T) / T sums to 0 over V, so it passes that log_softmax unchanged.
+    """
+    v = lq.size(-1)
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    return _FusedForwardKL.apply(lq.reshape(-1, v), lp.reshape(-1, v).detach(), rows, float(temperature))
 
 
 DIVERGENCES = {

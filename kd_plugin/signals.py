@@ -42,17 +42,20 @@ def aligned_log_probs(teacher, student_logits, mask, temperature=1.0, topk=0):
     have = signal_topk(teacher)
     if topk and have and topk > have:
         raise ValueError("--kd-topk %d exceeds the teacher signal's K=%d (offline cache)" % (topk, have))
-    logits = student_logits[mask]
-    if have or topk:
+    if have or topk:  # gather the K ids before masking: no (N x V) copy
         if have:
-            t_lp, ids = teacher["topk_lprobs"][mask], teacher["topk_ids"][mask]
+            t_lp, ids = teacher["topk_lprobs"], teacher["topk_ids"]
             if topk:
-                t_lp, ids = t_lp[:, :topk], ids[:, :topk]
+                t_lp, ids = t_lp[..., :topk], ids[..., :topk]
         else:
-            t_lp, ids = teacher["lprobs"][mask].topk(topk, dim=-1)
-        logits = logits.gather(-1, ids.long())
+            t_lp, ids = teacher["lprobs"].topk(topk, dim=-1)
+        logits, t_lp = student_logits.gather(-1, ids.long())[mask], t_lp[mask]
     else:
-        t_lp = teacher["lprobs"][mask]
-    lq = F.log_softmax(logits.float() / temperature, dim=-1)
-    lp = F.log_softmax(t_lp.float() / temperature, dim=-1)
-    return lp, lq
+        logits, t_lp = student_logits[mask], teacher["lprobs"][mask]
+    return _log_softmax(t_lp, temperature), _log_softmax(logits, temperature)
+
+
+def _log_softmax(x, temperature):
+    """log_softmax(x / T) in float32 (no division at T = 1)."""
+    x = x.float()
+    return F.log_softmax(x if temperature == 1 else x / temperature, dim=-1)

@@ -4,7 +4,8 @@
 * :func:`add_data_args`, :func:`add_teacher_args`, :func:`add_batch_args`, :func:`add_output_args` --
   the flags every tool spells the same way.
 * :func:`fairseq_config`, :func:`setup_task`, :func:`load_split` -- the stock ``translation`` task for a
-  binarized data dir, built by fairseq's own argument parser (so every default is fairseq's).
+  binarized data dir, configured by fairseq's own argument parser (every default is fairseq's), with
+  clear errors.
 * :func:`load_ensemble` -- teacher checkpoint(s) ``A.pt[:B.pt...]``, checked against the data dir's
   dictionaries (same errors as the ``translation_kd`` task), built in eval mode; :func:`teacher_info`.
 * :func:`shard_range`, :func:`batch_iterator` -- shard I of N is the contiguous index range
@@ -147,6 +148,7 @@ def fairseq_config(data, source_lang=None, target_lang=None, *extra):
 
 
 def setup_task(cfg):
+    """The stock ``translation`` task of a :func:`fairseq_config` config (loads the dictionaries)."""
     return tasks.setup_task(cfg.task)
 
 
@@ -239,8 +241,8 @@ def batch_iterator(task, dataset, models, index_range, max_tokens=None, batch_si
     except Exception as e:  # fairseq raises a bare Exception for over-long sentences
         if not str(e).startswith("Size of sample"):
             raise
-        raise KDConfigError("--data: %s (the teacher's max positions are %s)" % (str(e).split(",")[0],
-                                                                               max_positions)) from None
+        raise KDConfigError("--data: %s is longer than the max (source, target) positions %s of the "
+                            "task and the teacher" % (str(e).split(" is invalid")[0], max_positions)) from None
     return itr.next_epoch_itr(shuffle=False)
 
 
@@ -384,19 +386,19 @@ def find_shards(out_dir, name_filter=lambda name: True):
         if m and name_filter(m.group("name")):
             found.setdefault(m.group("name"), {}).setdefault(int(m.group("num")), set()).add(int(m.group("id")))
     if not found:
-        raise KDConfigError("merge: no shard files (*.shardIofN.idx) in %s" % shard_dir)
+        raise KDConfigError("no shard files (*.shardIofN.idx) in %s" % shard_dir)
     if len(found) > 1:
-        raise KDConfigError("merge: shards of several outputs in %s (%s); pass --source-lang/--target-lang"
+        raise KDConfigError("shards of several outputs in %s (%s); pass --source-lang/--target-lang"
                             % (shard_dir, ", ".join(sorted(found))))
     (name, by_num), = found.items()
     if len(by_num) > 1:
-        raise KDConfigError("merge: %s has shards of different --num-shards (%s) in %s"
+        raise KDConfigError("%s has shards of different --num-shards (%s) in %s"
                             % (name, ", ".join(map(str, sorted(by_num))), shard_dir))
     (num, ids), = by_num.items()
     prefixes = [shard_prefix(os.path.join(out_dir, name), i, num) for i in range(num)]
     missing = [p for i, p in enumerate(prefixes) if i not in ids]
     if missing:
-        raise KDConfigError("merge: missing %d of %d shards, e.g. %s.{bin,idx}" % (len(missing), num, missing[0]))
+        raise KDConfigError("missing %d of %d shards, e.g. %s.{bin,idx}" % (len(missing), num, missing[0]))
     return name, prefixes
 
 
@@ -413,14 +415,14 @@ def merge_shard_metas(metas, files, ignore=SHARD_KEYS):
     for meta, path in zip(metas, files):
         for key in sorted((set(common) | set(meta)) - set(ignore)):
             if meta.get(key) != common.get(key):
-                raise KDConfigError("merge: %s differs between shards: %r in %s, %r in %s"
+                raise KDConfigError("%s differs between shards: %r in %s, %r in %s"
                                     % (key, common.get(key), files[0], meta.get(key), path))
         lo, hi = meta["range"]
         if lo != expected_lo or meta["count"] != hi - lo:
-            raise KDConfigError("merge: %s covers indices [%d, %d) with %d sentences, expected to start at %d"
+            raise KDConfigError("%s covers indices [%d, %d) with %d sentences, expected to start at %d"
                                 % (path, lo, hi, meta["count"], expected_lo))
         expected_lo = hi
     if expected_lo != first["split_size"]:
-        raise KDConfigError("merge: the shards cover [0, %d) but the split has %d sentences"
+        raise KDConfigError("the shards cover [0, %d) but the split has %d sentences"
                             % (expected_lo, first["split_size"]))
     return dict(common, count=expected_lo, range=[0, expected_lo], shard={"merged_from": len(metas)})

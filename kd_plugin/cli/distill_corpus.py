@@ -14,20 +14,26 @@ DIR/{split}.{src}-{tgt}.{tgt} (what ``--task translation_kd --teacher-targets DI
              for sentence i, written like fairseq-preprocess output (MMapIndexedDataset, smallest dtype);
   .txt       y^_i as text (tgt_dict.string), one line each, for inspection;
   .json      split, split_size, count, range, dictionary_md5 (kd_plugin.checks.dictionary_checksum of the
-             target dictionary, checked by the task), teachers (path + sha256), generation and batching flags.
+             target dictionary, checked by the task), teacher_sha256 / teacher_paths, generation and
+             batching flags.
+The hypotheses are held in memory (one flat array, about the size of the .bin) until the end.
 
 Sharding: ``--num-shards N --shard-id I`` decodes the contiguous index range
 [floor(n I / N), floor(n (I+1) / N)) of the n sentences into DIR/shards/{split}.{src}-{tgt}.{tgt}.shard{I}of{N}.*;
 ``merge`` concatenates the N shards in order into DIR/{split}.{src}-{tgt}.{tgt}.* after checking that
-they were made from the same data, teacher (sha256) and flags and cover [0, n) exactly. The shard files
-are kept (DIR/shards can be deleted after merging).
+they agree on everything but their range (split size, dictionary, teacher sha256, generation and batching
+flags; data and teacher paths may differ) and cover [0, n) exactly. The shard files are kept
+(DIR/shards can be deleted after merging).
 
 Determinism: for fixed data, teacher and flags the output is fixed. Sharding only changes which
 sentences share a batch, which matters in two ways: with --max-len-a > 0 fairseq's length limit is
-a * (longest source in the batch) + b, so keep --max-len-a 0 (default) for sharding-invariant output;
-and padding changes matrix shapes, which could flip a float32 tie. On CPU (float32) the toy tests find
-sharded + merged output byte-identical to an unsharded run with the same batching flags, and
-identical to fairseq-generate's (batch-size-12000-token) hypotheses.
+a * (longest padded source in the batch) + b, so keep --max-len-a 0 (default) for sharding-invariant
+output; and padding changes matrix shapes, which could in principle flip a float32 near-tie. Measured on
+CPU (float32) on the toy corpus: --batch-size 1, --batch-size 7 and --max-tokens 4000 give byte-identical
+output for all 1500 training sentences (1 or 2 threads alike), the sharded + merged output is
+byte-identical to an unsharded run, and the hypotheses equal fairseq-generate's (--max-tokens 12000).
+Speed: on a shared CPU set --cpu-threads (or OMP_NUM_THREADS) to the free cores: oversubscribed
+OpenMP threads slowed the toy run five-fold.
 
 Safety: existing output is refused unless --overwrite (nothing is written); files are written under a
 temporary directory in DIR and renamed into place at the end, .idx last (see cli.common.AtomicOutput),
@@ -197,7 +203,7 @@ def _count_lines(path):
 
 def merge(args):
     if (args.source_lang is None) != (args.target_lang is None):
-        raise KDConfigError("merge: pass both --source-lang and --target-lang, or neither")
+        raise KDConfigError("pass both --source-lang and --target-lang, or neither")
     if args.source_lang:
         wanted = os.path.basename(teacher_targets_prefix("", args.split, args.source_lang, args.target_lang))
         accept = wanted.__eq__
@@ -207,15 +213,16 @@ def merge(args):
     for p in prefixes:
         for suffix in SUFFIXES:
             if not os.path.isfile(p + suffix):
-                raise KDConfigError("merge: incomplete shard, no %s" % (p + suffix))
+                raise KDConfigError("incomplete shard, no %s" % (p + suffix))
     metas = [common.read_json(p + ".json") for p in prefixes]
     meta = common.merge_shard_metas(metas, [p + ".json" for p in prefixes], ignore=NOT_COMPARED)
     indexes = [MMapIndexedDataset.Index(index_file_path(p)) for p in prefixes]
     for p, m, index in zip(prefixes, metas, indexes):
         if len(index) != m["count"] or _count_lines(p + ".txt") != m["count"]:
-            raise KDConfigError("merge: %s.{idx,txt} do not hold the %d sentences its .json announces" % (p, m["count"]))
+            raise KDConfigError("%s.{idx,txt} do not hold the %d sentences its .json announces"
+                                % (p, m["count"]))
         if index.dtype != indexes[0].dtype:
-            raise KDConfigError("merge: %s.idx stores %s, %s.idx stores %s"
+            raise KDConfigError("%s.idx stores %s, %s.idx stores %s"
                                 % (p, np.dtype(index.dtype), prefixes[0], np.dtype(indexes[0].dtype)))
     out = common.AtomicOutput(os.path.join(args.out, name), SUFFIXES, args.overwrite)
     with out:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch.nn as nn
 from fairseq.data import data_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -38,6 +39,13 @@ class TranslationKDConfig(TranslationConfig):
     teacher_cache: Optional[str] = field(
         default=None, metadata={"help": "directory of cached top-K teacher log-probs written by "
                                         "kd-dump-teacher (no teacher is loaded)"})
+
+
+def unwrap_criterion(criterion):
+    """The criterion itself under fairseq's distributed wrappers: ModuleProxyWrapper(DDP(criterion))."""
+    while isinstance(getattr(criterion, "module", None), nn.Module):
+        criterion = criterion.module
+    return criterion
 
 
 def teacher_targets_prefix(directory, split, src, tgt):
@@ -120,7 +128,7 @@ class TranslationKDTask(TranslationTask):
 
     def add_teacher_signal(self, sample, model, criterion):
         """Run the online teacher on the batch if the criterion needs its logits."""
-        criterion = getattr(criterion, "module", criterion)  # DDP-wrapped criterion
+        criterion = unwrap_criterion(criterion)
         if (self.teacher is None or not sample or TEACHER in sample
                 or "logits" not in getattr(criterion, "teacher_signals", ())):
             return
@@ -129,8 +137,9 @@ class TranslationKDTask(TranslationTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         self.add_teacher_signal(sample, model, criterion)
-        if hasattr(getattr(criterion, "module", criterion), "set_num_updates"):
-            getattr(criterion, "module", criterion).set_num_updates(update_num)
+        inner = unwrap_criterion(criterion)
+        if hasattr(inner, "set_num_updates"):
+            inner.set_num_updates(update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
