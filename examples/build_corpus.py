@@ -218,7 +218,9 @@ def stats(pairs):
 def build(out_dir, cache_dir="work/cache", tsv=None, seed=1, log=print):
     """Build ``out_dir/{train,valid,test}.{de,en}`` (no-op if present); return {split: number of pairs}."""
     if all(os.path.isfile(p) for p in outputs(out_dir)):
-        return {s: count_lines(os.path.join(out_dir, s + ".en")) for s in SPLITS}
+        sizes = {s: count_lines(os.path.join(out_dir, s + ".en")) for s in SPLITS}
+        log("corpus: %s already built (%s)" % (out_dir, ", ".join("%s %d" % kv for kv in sizes.items())))
+        return sizes
     if tsv:
         raw = read_tsv(tsv)
         source = tsv

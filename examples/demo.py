@@ -4,7 +4,7 @@ same budget (plain label smoothing, token-level KD, sentence-level KD, gated hyb
 ``fairseq-generate`` and sacreBLEU.
 
     make demo                          # .venv/bin/python examples/demo.py  (~30 min on 2 CPU cores)
-    make demo-quick                    # QUICK=1: tiny subset and models, 1 epoch (~5 min smoke test)
+    make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
     python examples/demo.py --data my.tsv --students plain,token
     python examples/demo.py --help     # all sizes
 
@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,9 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts live next to its python
 SRC, TGT = "de", "en"
 SPLITS = ("train", "valid", "test")
-# Beam search shared by evaluation and distillation; the length cap (1.2 * source + 10) keeps a weak model's
-# degenerate repetitions from running to 200 tokens, which would dominate CPU decoding time.
-BEAM = ["--beam", "5", "--max-len-a", "1.2", "--max-len-b", "10"]
+# Output length cap of evaluation and distillation (1.2 * source + 10): keeps a weak model's degenerate
+# repetitions from running to 200 tokens, which would dominate CPU decoding time.
+MAX_LEN = ["--max-len-a", "1.2", "--max-len-b", "10"]
 
 # Extra fairseq-train arguments of each student, formatted with {user_dir}, {teacher}, {distill}.
 # "{teacher}" makes a student depend on the teacher checkpoint, "{distill}" on kd-distill-corpus's output.
@@ -49,12 +50,15 @@ STUDENTS = {
 }
 TEACHER_CRITERION = STUDENTS["plain"]
 
-# Default sizes: (full, quick). Full: the whole demo fits in ~30 min on 2 CPU cores.
+# Default sizes: (full, quick); 0 pairs = the whole split. Full mode, 2 CPU cores, 683 updates per epoch:
+# teacher ~2.8 min/epoch (21.8 BLEU after 3 epochs); per update relative to a teacher update (measured CPU time):
+# plain student 0.46, sentence 0.59, token 1.06, hybrid 1.52 (the last two run the teacher online), so one
+# epoch of all four students ~10 min; beam-5 distillation of the training set ~7 min (2 shards). ~30 min in all.
 DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),
     "student_layers": (1, 1), "student_dim": (64, 32), "student_ffn": (256, 64), "student_heads": (2, 2),
-    "teacher_epochs": (3, 1), "student_epochs": (3, 1),
+    "teacher_epochs": (3, 1), "student_epochs": (1, 1), "warmup": (400, 50), "distill_beam": (5, 5),
     "train_pairs": (0, 3000), "valid_pairs": (0, 200), "test_pairs": (0, 200),
 }
 
@@ -71,6 +75,10 @@ class Pipeline:
         self.work = os.path.abspath(args.work)
         self.t0 = time.time()
         self.seconds = {}
+        # unbuffered: stdout lines (fairseq-generate's H-i) never get split by stderr lines
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args.threads:
+            self.env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         for sub in ("logs", "done"):
             os.makedirs(self.path(sub), exist_ok=True)
 
@@ -105,22 +113,29 @@ class Pipeline:
             json.dump({"seconds": self.seconds[step], "cmd": cmd}, f)
         self.progress(step, "done in %.0fs" % self.seconds[step])
 
-    def run(self, step, cmd):
-        """Run a subprocess as step ``step``, its output logged to WORK/logs/STEP.log."""
-        cmd = [str(c) for c in cmd]
-        self.step(step, lambda: self.subprocess(step, cmd), cmd)
+    def run(self, step, *stages):
+        """Step ``step``: each stage is a list of commands run in parallel (one command: a plain list);
+        stages run one after the other. Output goes to WORK/logs/STEP.log (STEP.I.log for parallel ones)."""
+        stages = [[cmd] if isinstance(cmd[0], str) else cmd for cmd in stages]
+        stages = [[[str(c) for c in cmd] for cmd in stage] for stage in stages]
+        self.step(step, lambda: [self.subprocesses(step, stage) for stage in stages], stages)
 
-    def subprocess(self, step, cmd):
-        log = self.path("logs", step + ".log")
-        with open(log, "w") as f:
-            f.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
-            f.flush()
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-        if rc != 0:
-            with open(log, errors="replace") as f:
-                tail = f.readlines()[-30:]
-            sys.stderr.write("".join(tail))
-            raise StepFailed("step %s failed (exit %d); full log: %s" % (step, rc, log))
+    def subprocesses(self, step, cmds):
+        """Run ``cmds`` concurrently; raise StepFailed (after printing the log's tail) if one fails."""
+        procs = []
+        for i, cmd in enumerate(cmds):
+            log = self.path("logs", "%s.log" % step if len(cmds) == 1 else "%s.%d.log" % (step, i))
+            with open(log, "w") as f:
+                f.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
+                f.flush()
+                procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                               env=self.env), log))
+        failed = [(proc.wait(), log) for proc, log in procs]
+        for rc, log in failed:
+            if rc != 0:
+                with open(log, errors="replace") as f:
+                    sys.stderr.write("".join(f.readlines()[-30:]))
+                raise StepFailed("step %s failed (exit %d); full log: %s" % (step, rc, log))
 
 
 def tool(name):
@@ -200,6 +215,14 @@ def model_args(a, role):
             "--encoder-attention-heads", heads, "--decoder-attention-heads", heads]
 
 
+def train(p, name, role, criterion_args):
+    """fairseq-train from scratch into WORK/ckpt/NAME (a clean start keeps the timings comparable)."""
+    cmd = train_cmd(p, name, role, criterion_args)
+    if p.cached("train-" + name) is None:
+        shutil.rmtree(p.path("ckpt", name), ignore_errors=True)
+    p.run("train-" + name, cmd)
+
+
 def train_cmd(p, name, role, criterion_args):
     """One fairseq-train command line; only the architecture (``role``) and the criterion differ."""
     a = p.args
@@ -226,9 +249,18 @@ def student_args(p, name):
     return [arg.format(**paths) for arg in STUDENTS[name]]
 
 
-def distill_cmd(p, split):
-    return [tool("kd-distill-corpus"), "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"),
-            "--split", split, "--out", p.path("distill"), "--max-tokens", "4000"] + BEAM
+def distill(p, split):
+    """Teacher-decode ``split`` into WORK/distill: --distill-shards single-threaded shards run in parallel
+    (on a small CPU much faster than one multi-threaded beam search), then merged."""
+    exe, shards = tool("kd-distill-corpus"), p.args.distill_shards
+    cmd = [exe, "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"), "--split", split,
+           "--out", p.path("distill"), "--max-tokens", "4000", "--beam", p.args.distill_beam] + MAX_LEN
+    if shards == 1:
+        return p.run("distill-" + split, cmd + ["--overwrite"])
+    p.run("distill-" + split,
+          [cmd + ["--cpu-threads", "1", "--num-shards", shards, "--shard-id", i, "--overwrite"]
+           for i in range(shards)],
+          [exe, "merge", "--out", p.path("distill"), "--split", split, "--overwrite"])
 
 
 def count_params(ckpt):
@@ -254,7 +286,7 @@ def generate_cmd(p, name):
     """STOCK fairseq-generate (no --user-dir): the students are plain fairseq transformers."""
     return [tool("fairseq-generate"), p.path("data-bin"), "--path", checkpoint(p, name),
             "--source-lang", SRC, "--target-lang", TGT, "--gen-subset", "test",
-            "--batch-size", "64", "--remove-bpe", "sentencepiece"] + BEAM
+            "--beam", "5", "--batch-size", "64", "--remove-bpe", "sentencepiece"] + MAX_LEN
 
 
 def hypotheses(log, n):
@@ -278,6 +310,7 @@ def score(p, name):
 
     refs = read_lines(p.path("corpus", "test.%s" % TGT))
     hyps = hypotheses(p.path("logs", "eval-%s.log" % name), len(refs))
+    os.makedirs(p.path("eval"), exist_ok=True)
     write_lines(p.path("eval", "%s.hyp" % name), hyps)
     bleu, chrf = BLEU(), CHRF()
     result = {"bleu": bleu.corpus_score(hyps, [refs]).score, "chrf": chrf.corpus_score(hyps, [refs]).score,
@@ -285,14 +318,13 @@ def score(p, name):
               "params": count_params(checkpoint(p, name))}
     with open(p.path("eval", "%s.json" % name), "w") as f:
         json.dump(result, f)
+    return result
 
 
 def evaluate(p, name):
-    os.makedirs(p.path("eval"), exist_ok=True)
+    """Decode the test set (cached step) and score it (always: it takes a second)."""
     p.run("eval-" + name, generate_cmd(p, name))
-    p.step("score-" + name, lambda: score(p, name))
-    with open(p.path("eval", "%s.json" % name)) as f:
-        return json.load(f)
+    return score(p, name)
 
 
 # ---------------------------------------------------------------- report
@@ -332,29 +364,35 @@ def report(p, results):
         "",
         "- Command: `%s`" % command_line(a),
         "- Date: %s" % datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "- Machine: %s; torch %s threads" % (machine(), _torch_threads()),
+        "- Machine: %s; threads per process: %d" % (machine(), a.threads or _torch_threads()),
         "- Data: %s; train %d / valid %d / test %d pairs; joint sentencepiece BPE %d"
         % ("`%s`" % a.data if a.data else "Debian libreoffice-help-de + libreoffice-help-en-us (MPL-2.0)",
            sizes["train"], sizes["valid"], sizes["test"], a.bpe_size),
-        "- Teacher: transformer %s layers, d=%s, ffn %s, %s heads, %s epochs (%.0f s)"
-        % (a.teacher_layers, a.teacher_dim, a.teacher_ffn, a.teacher_heads, a.teacher_epochs, teacher_train),
-        "- Students (all): transformer %s layers, d=%s, ffn %s, %s heads, %s epochs, same seed/lr/batches"
-        % (a.student_layers, a.student_dim, a.student_ffn, a.student_heads, a.student_epochs),
+        "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(a, "teacher"), a.teacher_epochs, teacher_train),
+        "- Students (all): transformer %s, %s epochs, same seed/lr/batches" % (arch(a, "student"), a.student_epochs),
         "- Shared: adam lr %s, inverse_sqrt warmup %s, max-tokens %s, dropout %s, seed %s%s"
         % (a.lr, a.warmup, a.max_tokens, a.dropout, a.seed, ", max-update %s" % a.max_update if a.max_update else ""),
-        "- Student criteria: %s" % "; ".join("%s: `%s`" % (s, " ".join(STUDENTS[s]).replace("{", "").replace("}", ""))
+        "- Student criteria: %s" % "; ".join("%s: `%s`" % (s, " ".join(map(repo_relative, student_args(p, s))))
                                              for s in a.students),
     ]
     if distill:
-        lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam 5): %.0f s, "
-                     "not included in the sentence/hybrid train times" % distill)
+        lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam %d): %.0f s, "
+                     "not included in the sentence/hybrid train times" % (a.distill_beam, distill))
     lines += [
-        "- Decoding: stock `fairseq-generate %s --batch-size 64 --remove-bpe sentencepiece` (no --user-dir)"
-        % " ".join(BEAM),
+        "- Decoding: stock `%s` (no --user-dir)" % " ".join(map(repo_relative, generate_cmd(p, "SYSTEM"))),
         "- sacreBLEU: BLEU `%s`, chrF `%s`" % (first["bleu_signature"], first["chrf_signature"]),
         "",
     ]
     return "\n".join(lines)
+
+
+def arch(a, role):
+    return "layers %s+%s, d=%s, ffn %s, %s heads" % tuple(
+        getattr(a, "%s_%s" % (role, k)) for k in ("layers", "layers", "dim", "ffn", "heads"))
+
+
+def repo_relative(arg):
+    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
 
 
 def _torch_threads():
@@ -372,18 +410,22 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", default=quick,
-                        help="smoke run (also QUICK=1): tiny subset and models, 1 epoch")
+                        help="smoke run (also QUICK=1): 3k-pair subset, tiny models, scores meaningless")
     parser.add_argument("--work", default=os.path.join(REPO, "work", "demo-quick" if quick else "demo"),
                         help="work directory")
     parser.add_argument("--data", default=os.environ.get("DATA") or None,
                         help="de<TAB>en corpus to use instead of the LibreOffice help (also DATA=file.tsv)")
-    parser.add_argument("--cache", default=os.path.join(REPO, "work", "cache"), help="download cache of examples/build_corpus.py")
+    parser.add_argument("--cache", default=os.path.join(REPO, "work", "cache"),
+                        help="download cache of examples/build_corpus.py")
     parser.add_argument("--students", default=",".join(STUDENTS), help="comma-separated, from %s" % list(STUDENTS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=400 if not quick else 100, help="warmup updates")
     parser.add_argument("--max-tokens", type=int, default=1500)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--distill-shards", type=int, default=min(len(os.sched_getaffinity(0)), 8),
+                        help="parallel single-threaded kd-distill-corpus processes")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP_NUM_THREADS of training/decoding (0: torch's default; 1 on a busy machine)")
     parser.add_argument("--max-update", type=int, default=0, help="stop every training here too (0: epochs only)")
     for key, values in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=values[column])
@@ -405,14 +447,14 @@ def main(argv=None):
         p.step("corpus", lambda: make_corpus(p))
         p.step("bpe", lambda: train_bpe(p))
         p.run("preprocess", preprocess_cmd(p))
-        p.run("train-teacher", train_cmd(p, "teacher", "teacher", TEACHER_CRITERION))
+        train(p, "teacher", "teacher", TEACHER_CRITERION)
         results = {"teacher": evaluate(p, "teacher")}
         p.progress("teacher", "BLEU %.1f chrF %.1f" % (results["teacher"]["bleu"], results["teacher"]["chrf"]))
         if any("{distill}" in arg for s in a.students for arg in STUDENTS[s]):
             for split in ("train", "valid"):
-                p.run("distill-" + split, distill_cmd(p, split))
+                distill(p, split)
         for name in a.students:
-            p.run("train-" + name, train_cmd(p, name, "student", student_args(p, name)))
+            train(p, name, "student", student_args(p, name))
             results[name] = evaluate(p, name)
             p.progress(name, "BLEU %.1f chrF %.1f" % (results[name]["bleu"], results[name]["chrf"]))
     except (StepFailed, build_corpus.CorpusError) as e:
@@ -426,6 +468,8 @@ def main(argv=None):
     p.progress("demo", "finished; results in %s%s" % (p.path("results.md"), "" if a.quick else " and docs/DEMO.md"))
     if not a.quick and results["teacher"]["bleu"] < 20:
         print("warning: the teacher reached only %.1f BLEU (expected >= 20)" % results["teacher"]["bleu"])
+    if any(r["params"] >= results["teacher"]["params"] for name, r in results.items() if name != "teacher"):
+        print("warning: the students are not smaller than the teacher (see --student-* and --teacher-*)")
 
 
 if __name__ == "__main__":
