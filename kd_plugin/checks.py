@@ -27,18 +27,26 @@ def _teacher_dict_files(ckpt_path, state, lang):
 
 
 def check_dictionaries_match(ckpt_path, state, task):
-    """The teacher at ``ckpt_path`` must use the task's source and target dictionaries."""
+    """The teacher at ``ckpt_path`` must use the task's source and target dictionaries.
+
+    A teacher whose dictionaries cannot be found is refused: its weights alone cannot tell a vocabulary
+    of the same (padded) size with other token ids from the task's.
+    """
     data_dir = task.cfg.data.split(":")[0]
     sides = [("source", task.cfg.source_lang, task.source_dictionary, "encoder.embed_tokens.weight"),
              ("target", task.cfg.target_lang, task.target_dictionary, "decoder.embed_tokens.weight")]
     for side, lang, ours, emb_key in sides:
         ours_file = os.path.join(data_dir, "dict.%s.txt" % lang)
-        theirs_file = next((f for f in _teacher_dict_files(ckpt_path, state, lang) if os.path.isfile(f)), None)
-        if theirs_file is not None:
-            if dictionary_checksum(Dictionary.load(theirs_file)) != dictionary_checksum(ours):
-                raise KDConfigError(
-                    "teacher %s uses a different %s dictionary: %s differs from the task's %s"
-                    % (ckpt_path, side, theirs_file, ours_file))
+        candidates = list(_teacher_dict_files(ckpt_path, state, lang))
+        theirs_file = next((f for f in candidates if os.path.isfile(f)), None)
+        if theirs_file is None:
+            raise KDConfigError(
+                "teacher %s: cannot check its %s dictionary, none of %s exists (copy the teacher's "
+                "dict.%s.txt beside the checkpoint)" % (ckpt_path, side, ", ".join(candidates), lang))
+        if dictionary_checksum(Dictionary.load(theirs_file)) != dictionary_checksum(ours):
+            raise KDConfigError(
+                "teacher %s uses a different %s dictionary: %s differs from the task's %s"
+                % (ckpt_path, side, theirs_file, ours_file))
         emb = state["model"].get(emb_key)
         if emb is not None and emb.size(0) != len(ours):
             raise KDConfigError(
