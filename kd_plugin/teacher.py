@@ -33,6 +33,28 @@ def read_checkpoint(path, flag="--teacher-path"):
     return state
 
 
+def load_members(spec, task, flag="--teacher-path"):
+    """The checkpoints in ``spec`` (``A.pt[:B.pt...]``) as frozen eval-mode models for ``task``, and their paths.
+
+    Every member must use the task's source and target dictionaries (kd_plugin.checks).
+    """
+    paths = [p for p in spec.split(":") if p]
+    if not paths:
+        raise KDConfigError("%s is empty" % flag)
+    members = []
+    for path in paths:
+        state = read_checkpoint(path, flag)
+        check_dictionaries_match(path, state, task)
+        model = models.build_model(state["cfg"].model, task, from_checkpoint=True)
+        model.load_state_dict(state["model"], strict=True, model_cfg=state["cfg"].model)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        members.append(model)
+        logger.info("teacher %s: %d parameters", path, sum(p.numel() for p in model.parameters()))
+    return members, paths
+
+
 class Teacher:
     """A frozen teacher ensemble producing token-level signals for the criterions."""
 
@@ -41,23 +63,9 @@ class Teacher:
         self.paths = paths
 
     @classmethod
-    def load(cls, spec, task):
+    def load(cls, spec, task, flag="--teacher-path"):
         """``spec`` is ``A.pt[:B.pt...]``; every member must use the task's dictionaries."""
-        paths = [p for p in spec.split(":") if p]
-        if not paths:
-            raise KDConfigError("--teacher-path is empty")
-        members = []
-        for path in paths:
-            state = read_checkpoint(path)
-            check_dictionaries_match(path, state, task)
-            model = models.build_model(state["cfg"].model, task, from_checkpoint=True)
-            model.load_state_dict(state["model"], strict=True, model_cfg=state["cfg"].model)
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            members.append(model)
-            logger.info("teacher %s: %d parameters", path, sum(p.numel() for p in model.parameters()))
-        return cls(members, paths)
+        return cls(*load_members(spec, task, flag))
 
     def _follow(self, ref):
         """Put the teacher on the student's device and dtype (once, on first use)."""

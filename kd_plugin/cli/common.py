@@ -27,13 +27,12 @@ import sys
 import time
 
 import torch
-from fairseq import models as fairseq_models
 from fairseq import options, tasks, utils
 from fairseq.data import BaseWrapperDataset, data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from kd_plugin.checks import KDConfigError, check_dictionaries_match
-from kd_plugin.teacher import read_checkpoint
+from kd_plugin.checks import KDConfigError
+from kd_plugin.teacher import load_members
 
 logger = logging.getLogger(__name__)
 
@@ -166,27 +165,19 @@ def load_split(task, split):
 
 
 def load_ensemble(spec, task, flag="--path", cuda=False):
-    """The checkpoints in ``spec`` (``A.pt[:B.pt...]``) as eval-mode models for ``task``, and their paths.
+    """The checkpoints in ``spec`` (``A.pt[:B.pt...]``) as eval-mode models for ``task``, and their paths
+    (kd_plugin.teacher.load_members: same checks and errors as the online teacher), on GPU if ``cuda``."""
+    members, paths = load_members(spec, task, flag)
+    return [m.cuda() for m in members] if cuda else members, paths
 
-    Every member must use the task's source and target dictionaries (kd_plugin.checks).
-    """
-    paths = [p for p in spec.split(":") if p]
-    if not paths:
-        raise KDConfigError("%s is empty" % flag)
-    members = []
-    for path in paths:
-        state = read_checkpoint(path, flag)
-        check_dictionaries_match(path, state, task)
-        model = fairseq_models.build_model(state["cfg"].model, task, from_checkpoint=True)
-        model.load_state_dict(state["model"], strict=True, model_cfg=state["cfg"].model)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cuda:
-            model.cuda()
-        members.append(model)
-        logger.info("teacher %s: %d parameters", path, sum(p.numel() for p in model.parameters()))
-    return members, paths
+
+def cli_dispatch(prog, run, get_parser, merge, get_merge_parser, argv=None):
+    """``prog ...`` runs ``run``; ``prog merge ...`` runs ``merge`` (each through :func:`run_cli`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        run_cli(merge, get_merge_parser().parse_args(argv[1:]), prog + " merge")
+    else:
+        run_cli(run, get_parser().parse_args(argv), prog)
 
 
 def file_sha256(path, chunk=1 << 20):

@@ -45,7 +45,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -239,11 +238,7 @@ def merge(args):
 
 
 def cli_main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["merge"]:
-        common.run_cli(merge, get_merge_parser().parse_args(argv[1:]), PROG + " merge")
-    else:
-        common.run_cli(distill, get_parser().parse_args(argv), PROG)
+    common.cli_dispatch(PROG, distill, get_parser, merge, get_merge_parser, argv)
 
 
 if __name__ == "__main__":

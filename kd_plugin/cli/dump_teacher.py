@@ -30,7 +30,6 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -234,11 +233,7 @@ def merge(args):
 
 
 def cli_main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["merge"]:
-        common.run_cli(merge, get_merge_parser().parse_args(argv[1:]), PROG + " merge")
-    else:
-        common.run_cli(dump, get_parser().parse_args(argv), PROG)
+    common.cli_dispatch(PROG, dump, get_parser, merge, get_merge_parser, argv)
 
 
 if __name__ == "__main__":
