@@ -80,7 +80,7 @@ def write_split(prefix, sentences, vocab_size):
 
     builder = indexed_dataset.make_builder(prefix + ".bin", impl="mmap", vocab_size=vocab_size)
     for ids in sentences:
-        builder.add_item(torch.IntTensor(ids))
+        builder.add_item(torch.as_tensor(ids, dtype=torch.int32))
     builder.finalize(prefix + ".idx")
 
 
@@ -116,11 +116,11 @@ def subset_data_bin(source, out, n_train, n_valid, seed):
 
 
 def synthetic_corpus(out, vocab_size, n_train, n_valid, seed):
-    r"""A learnable synthetic translation task with a joint ``vocab_size`` dictionary (specials included).
+    r"""A synthetic translation task with a joint ``vocab_size`` dictionary (specials included).
 
-    Source words w_i are Zipf-distributed (p ~ 1 / (rank + 2.7)^1.1), sentence lengths log-normal with the
-    demo corpus's median 16 and mean 23 BPE tokens (clipped to [2, 250]); the target maps each word through
-    a fixed permutation and swaps adjacent pairs, so a briefly trained teacher decodes sensible lengths.
+    Words are Zipf-distributed (p ~ 1 / (rank + 2.7)^1.1), sentence lengths log-normal with the demo
+    corpus's median 16 and mean 23 BPE tokens, clipped to [2, 128] (about its 99th percentile); the target
+    is a copy of the source. See OWN_TEACHER_DECODING for how the teacher-decoded targets get its lengths.
     """
     import numpy as np
     from fairseq.data import Dictionary
@@ -135,18 +135,10 @@ def synthetic_corpus(out, vocab_size, n_train, n_valid, seed):
     rng = np.random.default_rng(seed)
     zipf = 1.0 / (np.arange(words) + 2.7) ** 1.1
     zipf /= zipf.sum()
-    perm = rng.permutation(words)
-    first = d.nspecial
     for split, n in (("train", n_train), ("valid", n_valid)):
-        lengths = np.clip(np.round(rng.lognormal(math.log(16), 0.85, n)), 2, 250).astype(int)
-        src_sents, tgt_sents = [], []
-        for length in lengths:
-            s = rng.choice(words, size=length, p=zipf)
-            t = perm[s].copy()
-            t[: length // 2 * 2] = t[: length // 2 * 2].reshape(-1, 2)[:, ::-1].reshape(-1)
-            src_sents.append(list(s + first) + [d.eos()])
-            tgt_sents.append(list(t + first) + [d.eos()])
-        for lang, sents in (("src", src_sents), ("tgt", tgt_sents)):
+        lengths = np.clip(np.round(rng.lognormal(math.log(16), 0.85, n)), 2, 128).astype(int)
+        sents = [list(rng.choice(words, size=length, p=zipf) + d.nspecial) + [d.eos()] for length in lengths]
+        for lang in ("src", "tgt"):
             write_split(os.path.join(out, "%s.src-tgt.%s" % (split, lang)), sents, len(d))
 
 
@@ -155,10 +147,12 @@ def corpus_stats(data_bin, cache=None):
     import numpy as np
     from fairseq.data import Dictionary, data_utils
 
+    def lengths(prefix):  # copied out while the dataset (which unmaps its files when deleted) is alive
+        dataset = data_utils.load_indexed_dataset(prefix, None)
+        return np.array(dataset.sizes, dtype=np.float64)
+
     src, tgt = split_langs(data_bin)
-    sizes = {lang: np.asarray(data_utils.load_indexed_dataset(
-        os.path.join(data_bin, "train.%s-%s.%s" % (src, tgt, lang)), None).sizes, dtype=np.float64)
-        for lang in (src, tgt)}
+    sizes = {lang: lengths(os.path.join(data_bin, "train.%s-%s.%s" % (src, tgt, lang))) for lang in (src, tgt)}
     stats = {"src": src, "tgt": tgt, "sentences": len(sizes[src]), "vocab": len(Dictionary.load(
         os.path.join(data_bin, "dict.%s.txt" % tgt)))}
     for key, s in (("src", sizes[src]), ("tgt", sizes[tgt])):
@@ -166,8 +160,7 @@ def corpus_stats(data_bin, cache=None):
         stats[key + "_len"], stats[key + "_ctx"] = s.mean(), (s * s).sum() / s.sum()
         stats[key + "_tokens"] = int(s.sum())
     if cache:
-        distilled = data_utils.load_indexed_dataset(os.path.join(cache, "train.%s-%s.%s" % (src, tgt, tgt)), None)
-        stats["distilled_tokens"] = int(np.asarray(distilled.sizes).sum())
+        stats["distilled_tokens"] = int(lengths(os.path.join(cache, "train.%s-%s.%s" % (src, tgt, tgt))).sum())
     return stats
 
 
@@ -175,65 +168,98 @@ def corpus_stats(data_bin, cache=None):
 
 
 def flops_per_token(layers, dim, ffn, vocab, stats):
-    r"""Forward FLOPs of a transformer (--share-all-embeddings) per TARGET token, as 2 x multiply-adds:
+    r"""Forward FLOPs of a transformer (--share-all-embeddings) per TARGET token, as 2 x multiply-adds,
+    split into (encoder, decoder + output projection):
 
-        F = 2 [ r L (4 d^2 + 2 d f)          encoder: q/k/v/out projections + FFN, r = src / tgt tokens
-              + L (8 d^2 + 2 d f)            decoder: self- and cross-attention projections + FFN
-              + d V                          output projection (the shared embedding matrix, counted)
-              + r L 2 d n_s + L 2 d (n_t + n_s) ]   attention scores and weighted sums
-    n_s / n_t = token-weighted mean source / target length E[n^2] / E[n] (fairseq computes the full masked
-    n x n product in training). Ignored: embeddings lookups, layer norms, softmaxes, biases, padding.
+        F_enc = 2 r L [ 4 d^2 + 2 d f + 2 d n_s ]             r = source / target tokens of the data
+        F_dec = 2 L [ 8 d^2 + 2 d f + 2 d (n_t + n_s) ] + 2 d V
+    4 d^2 / 8 d^2: q/k/v/out projections of self- (and cross-) attention; 2 d f: the FFN; 2 d n: attention
+    scores and weighted sum over n context tokens, n_s / n_t = token-weighted mean source / target length
+    E[n^2] / E[n] (training computes the full masked n x n product); d V: the output projection (the shared
+    embedding matrix, counted). Ignored: embedding lookups, layer norms, softmaxes, biases, padding.
     """
     r = stats["src_tokens"] / stats["tgt_tokens"]
-    macs = (r * layers * (4 * dim * dim + 2 * dim * ffn) + layers * (8 * dim * dim + 2 * dim * ffn)
-            + dim * vocab + r * layers * 2 * dim * stats["src_ctx"]
-            + layers * 2 * dim * (stats["tgt_ctx"] + stats["src_ctx"]))
-    return 2 * macs
+    enc = 2 * r * layers * (4 * dim * dim + 2 * dim * ffn + 2 * dim * stats["src_ctx"])
+    dec = 2 * layers * (8 * dim * dim + 2 * dim * ffn + 2 * dim * (stats["tgt_ctx"] + stats["src_ctx"]))
+    return enc, dec + 2 * dim * vocab
 
 
-def model_flops(a, role, stats):
-    return flops_per_token(getattr(a, role + "_layers"), getattr(a, role + "_dim"), getattr(a, role + "_ffn"),
-                           stats["vocab"], stats)
+def floors(a, stats):
+    r"""Forward FLOPs per target token (student, teacher) and the speed floors of online-teacher runs:
+
+        token_kd:  1 / (1 + F_T / (3 F_S))                      teacher forward vs student forward + backward
+        hybrid_kd: 3 F_S / (3 F_S + 3 rho F_S,dec + F_T)        plus the student's second decoder pass, on the
+                                                                teacher's targets (rho = their tokens / gold's)
+    """
+    student = flops_per_token(*(getattr(a, "student_" + k) for k in ("layers", "dim", "ffn")), stats["vocab"], stats)
+    teacher = sum(flops_per_token(*(getattr(a, "teacher_" + k) for k in ("layers", "dim", "ffn")),
+                                  stats["vocab"], stats))
+    f_s, rho = sum(student), stats["distilled_tokens"] / stats["tgt_tokens"]
+    return {"student": f_s, "student_dec": student[1], "teacher": teacher, "token": 1 / (1 + teacher / (3 * f_s)),
+            "hybrid": 3 * f_s / (3 * f_s + 3 * rho * student[1] + teacher), "rho": rho}
 
 
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def run_measured(cmd, log_path, env):
-    """Run ``cmd`` (output to ``log_path``); (exit status, wall seconds, peak RSS in bytes of this child)."""
-    start = time.time()
+def _cpu_seconds(pid):
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_INNER = re.compile(r"\| train_inner \| epoch (\d+):.*num_updates=(\d+)")
+
+
+def run_measured(cmd, log_path, env, warmup, last):
+    """Run fairseq-train ``cmd`` (output to ``log_path``, env with PYTHONUNBUFFERED=1) and measure it:
+    exit status, wall seconds, peak RSS (bytes, ru_maxrss of this child alone: os.wait4) and the child's
+    CPU seconds between its train_inner lines at ``warmup`` and ``last`` updates (the log is polled every
+    20 ms and /proc/PID/stat read when a line appears; CPU time does not count waiting for a shared core).
+    """
+    start, cpu, pos = time.time(), {}, 0
     with open(log_path, "w") as log:
         log.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            with open(log_path, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+            data = data[: data.rfind(b"\n") + 1]  # whole lines only
+            pos += len(data)
+            lines = data.decode("utf-8", errors="replace")
+            for m in _INNER.finditer(lines):
+                if int(m.group(2)) in (warmup, last) and int(m.group(2)) not in cpu:
+                    cpu[int(m.group(2))] = _cpu_seconds(proc.pid)  # readable until the child is reaped
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.02)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.time() - start, usage.ru_maxrss * 1024  # Linux: ru_maxrss in KiB
+    cpu.setdefault(last, usage.ru_utime + usage.ru_stime)  # (missed the line: the whole run, a slight excess)
+    return {"rc": proc.returncode, "wall": time.time() - start, "rss": usage.ru_maxrss * 1024,
+            "cpu": cpu[last] - cpu[warmup] if warmup in cpu else None}
 
 
-
-_INNER = re.compile(r"\| train_inner \| epoch (\d+):")
-
-
-def measured_wps(log_path, warmup):
-    """Words/s over the train_inner intervals after ``warmup`` updates: sum(tokens) / sum(tokens / wps).
-
-    A train_inner line covers the updates since the previous one (wpb tokens each, at its wps).
+def measured_tokens(log_path, warmup):
+    """(tokens, fairseq words/s) of the train_inner intervals after ``warmup`` updates, the words/s being
+    sum(tokens) / sum(tokens / wps): each line covers the updates since the previous one, wpb tokens each.
     Refuses logs whose measured updates cross an epoch boundary (the split is too small).
     """
     tokens = seconds = 0.0
     last, epochs = 0, set()
     with open(log_path, errors="replace") as f:
         for line in f:
-            m = _INNER.search(line)
-            if not m:
+            if not _INNER.search(line):
                 continue
             kv = dict(re.findall(r"(\w+)=([-+\d.e]+)", line))
             updates, done = int(kv["num_updates"]) - last, last
             last = int(kv["num_updates"])
             if done < warmup:
                 continue
-            epochs.add(m.group(1))
+            epochs.add(_INNER.search(line).group(1))
             n = float(kv["wpb"]) * updates
             tokens, seconds = tokens + n, seconds + n / float(kv["wps"])
     if not tokens:
@@ -241,7 +267,7 @@ def measured_wps(log_path, warmup):
     if len(epochs) > 1:
         raise RuntimeError("%s: the measured updates span epochs %s: raise --train-sentences"
                            % (log_path, sorted(epochs)))
-    return tokens / seconds
+    return tokens, tokens / seconds
 
 
 def train_cmd(a, data, criterion_args, max_update, role="student", extra=()):
@@ -249,7 +275,7 @@ def train_cmd(a, data, criterion_args, max_update, role="student", extra=()):
     return [demo.tool("fairseq-train"), data, "--source-lang", a.src, "--target-lang", a.tgt] \
         + [str(x) for x in demo.model_args(a, role)] + list(criterion_args) + [
         "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-        "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "400", "--warmup-init-lr", "1e-07",
+        "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.demo_warmup), "--warmup-init-lr", "1e-07",
         "--max-tokens", str(a.max_tokens), "--max-update", str(max_update), "--seed", str(a.seed),
         "--num-workers", "0", "--log-format", "simple", "--log-interval", str(a.log_interval),
         "--no-progress-bar"] + list(extra)
@@ -279,25 +305,36 @@ class Prep(demo.Pipeline):
         super().step(step, fn, cmd)
 
 
+# kd-distill-corpus flags with the benchmark's own (barely trained) teacher: greedy, output cut at the source
+# length (fairseq's limit is a x the longest source of the batch + b words, then eos; small length-sorted
+# batches). Such a teacher does not emit eos, so its targets get the gold lengths of the synthetic copy task,
+# as a converged teacher's would, in a fraction of a beam search's time; their words are junk, which costs
+# training nothing extra. (A few hundred updates on the copy task do not teach the teacher eos: measured.)
+OWN_TEACHER_DECODING = ["--beam", "1", "--max-len-a", "1", "--max-len-b", "-1", "--batch-size", "16"]
+
+
 def prepare(a, p):
     """Data, teacher and cache; returns the paths the configurations use."""
     data = p.path("data-bin")
     demo_data = os.path.join(DEMO_WORK, "data-bin")
-    source = a.data_bin or (None if a.synthetic or not os.path.isdir(demo_data) else demo_data)
+    demo_teacher = os.path.join(DEMO_WORK, "ckpt", "teacher", "checkpoint_last.pt")
+    # the demo's data only with the demo's teacher: a teacher trained here for a few hundred updates on real
+    # data decodes degenerate, short targets (measured: 0.64 x the gold tokens, and 450 s to distill 4000
+    # sentences with the demo's beam), which would make sentence_kd's words/s a statement about that teacher
+    use_demo = not a.synthetic and os.path.isdir(demo_data) and (a.teacher or os.path.isfile(demo_teacher))
+    source = a.data_bin or (demo_data if use_demo else None)
     sizes = [a.train_sentences, a.valid_sentences, a.seed]
     if source:
         p.step("data", lambda: subset_data_bin(source, data, *sizes), ["subset", os.path.abspath(source)] + sizes)
     else:
-        p.step("data", lambda: synthetic_corpus(data, a.vocab, *sizes), ["synthetic", a.vocab] + sizes)
+        p.step("data", lambda: synthetic_corpus(data, a.vocab, *sizes), ["synthetic-copy-128", a.vocab] + sizes)
     a.source = source
     a.src, a.tgt = split_langs(data)
-    teacher = a.teacher
-    demo_teacher = os.path.join(DEMO_WORK, "ckpt", "teacher", "checkpoint_last.pt")
-    if not teacher and source == demo_data and os.path.isfile(demo_teacher):
-        teacher = demo_teacher
+    teacher = a.teacher or (demo_teacher if source == demo_data and os.path.isfile(demo_teacher) else None)
     if teacher:
         teacher = os.path.abspath(teacher)
         p.step("teacher", lambda: None, ["given", teacher, os.path.getmtime(teacher)])
+        a.decoding = ["--beam", str(a.distill_beam), "--max-tokens", "4000"] + demo.MAX_LEN
     else:
         teacher = p.path("teacher", "checkpoint_last.pt")
         cmd = train_cmd(a, data, ["--task", "translation", "--criterion", "label_smoothed_cross_entropy"] + LS,
@@ -305,13 +342,13 @@ def prepare(a, p):
                         extra=["--save-dir", p.path("teacher"), "--no-epoch-checkpoints", "--disable-validation"])
         cmd[cmd.index("--warmup-updates") + 1] = str(max(1, a.teacher_updates // 4))
         p.run("teacher", cmd)
-    a.teacher_path = teacher
+        a.decoding = OWN_TEACHER_DECODING
+    a.own_teacher, a.teacher_path = not a.teacher and teacher == p.path("teacher", "checkpoint_last.pt"), teacher
     cache = p.path("cache")
     for split in ("train", "valid"):
         common = ["--data", data, "--path", teacher, "--split", split, "--out", cache, "--overwrite"]
-        p.run("dump-" + split, [demo.tool("kd-dump-teacher")] + common + ["--topk", str(a.topk), "--max-tokens",
-                                                                            "4000"])
-        p.run("distill-" + split, [demo.tool("kd-distill-corpus")] + common + ["--max-tokens", "4000"] + demo.BEAM)
+        p.run("dump-" + split, [demo.tool("kd-dump-teacher")] + common + ["--topk", a.topk, "--max-tokens", 4000])
+        p.run("distill-" + split, [demo.tool("kd-distill-corpus")] + common + a.decoding)
     return {"data": data, "teacher": teacher, "cache": cache}
 
 
@@ -384,84 +421,94 @@ def run_probes(a, env):
 # ---------------------------------------------------------------------------------------------- report
 
 
-def summary(values):
-    return statistics.median(values), min(values), max(values)
-
-
 def fmt_ratio(values):
-    med, lo, hi = summary(values)
-    return "%.3f [%.3f-%.3f]" % (med, lo, hi)
+    values = [v for v in values if v == v]  # NaN: CPU time not measured
+    if not values:
+        return "n/a"
+    return "%.3f [%.3f-%.3f]" % (statistics.median(values), min(values), max(values))
 
 
-def speed_target(name, floor):
+def speed_target(name, fl):
     """(threshold, description) of ``name``'s words/s target, or None."""
     for prefix, (ratio, scaled) in SPEED_TARGETS.items():
         if name.startswith(prefix):
-            return (ratio * floor, ">= %.2f x floor = %.3f" % (ratio, ratio * floor)) if scaled \
+            return (ratio * fl["token"], ">= %.2f x floor = %.3f" % (ratio, ratio * fl["token"])) if scaled \
                 else (ratio, ">= %.2f" % ratio)
     return None
 
 
-def verdict(value, threshold, higher=True):
+def verdict(values, threshold, higher=True):
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    value = statistics.median(values)
     ok = value >= threshold if higher else value <= threshold
     return "met" if ok else "MISSED by %.1f%%" % (100 * abs(value - threshold) / threshold)
 
 
-def report(a, results, probes, stats, flops, seconds):
+def ratios(results, name, key):
+    return [r[key] / p[key] for r, p in zip(results[name], results["plain"])]
+
+
+def report(a, results, probes, stats, fl, seconds):
     names = list(results)
-    floor = 1.0 / (1.0 + flops["teacher"] / (3 * flops["student"]))
-    rows = ["| configuration | words/s (median) | words/s ratio: median [min-max] | speed target | "
-            "peak RSS MiB (median) | RSS ratio: median [min-max] | memory target (<= %.1f) |" % RSS_TARGET,
-            "|---|---:|---:|---|---:|---:|---|"]
+    rows = ["| configuration | words/s | words/s ratio | words/CPU-s ratio | speed target: words/s (CPU) | "
+            "peak RSS MiB | RSS ratio | memory <= %.1f |" % RSS_TARGET, "|---|---:|---:|---:|---|---:|---:|---|"]
     for name in names:
-        wps = [r["wps"] for r in results[name]]
-        rss = [r["rss"] for r in results[name]]
-        sp = [r["wps"] / p["wps"] for r, p in zip(results[name], results["plain"])]
-        mem = [r["rss"] / p["rss"] for r, p in zip(results[name], results["plain"])]
-        target = speed_target(name, floor)
-        speed = "%s: %s" % (target[1], verdict(statistics.median(sp), target[0])) if target else "-"
-        memory = verdict(statistics.median(mem), RSS_TARGET, higher=False) if name != "plain" else "-"
-        rows.append("| %s | %.0f | %s | %s | %.0f | %s | %s |" % (
-            CONFIGS[name][0], statistics.median(wps), fmt_ratio(sp), speed, statistics.median(rss) / 2 ** 20, fmt_ratio(mem),
-            memory))
+        sp, cpu, mem = (ratios(results, name, key) for key in ("wps", "cpu_wps", "rss"))
+        target = speed_target(name, fl)
+        speed = "%s: %s (%s)" % (target[1], verdict(sp, target[0]), verdict(cpu, target[0])) if target else "-"
+        rows.append("| %s | %.0f | %s | %s | %s | %.0f | %s | %s |" % (
+            CONFIGS[name][0], statistics.median(r["wps"] for r in results[name]), fmt_ratio(sp), fmt_ratio(cpu),
+            speed, statistics.median(r["rss"] for r in results[name]) / 2 ** 20, fmt_ratio(mem),
+            verdict(mem, RSS_TARGET, higher=False) if name != "plain" else "-"))
     probe_rows = ["| loss (forward + backward) | extra peak memory, in (tokens x vocab) fp32 tensors |", "|---|---:|"]
     probe_rows += ["| %s | %.2f |" % (PROBES[name][0], value) for name, value in probes.items()]
-    data = ("synthetic (%d-type joint vocabulary, Zipf words, demo-like lengths)" % stats["vocab"]
-            if not a.source else "`%s` subset" % os.path.relpath(a.source, REPO))
+    data = ("synthetic (Zipf words, demo-like lengths, target = source)" if not a.source
+            else "`%s`, a random subset" % os.path.relpath(a.source, REPO))
     role = lambda r: "%s layer(s), d=%s, ffn %s, %s heads" % tuple(
         getattr(a, "%s_%s" % (r, k)) for k in ("layers", "dim", "ffn", "heads"))
     lines = [
         BEGIN,
-        "## Results: words/s and peak RSS as ratios to fairseq's label_smoothed_cross_entropy",
+        "### Results",
+        "",
+        "Ratios to the plain run of the same round: median [min-max] over %d rounds." % a.rounds,
         "",
         "\n".join(rows),
         "",
-        "FLOPs floor for online-teacher runs: 1 / (1 + F_teacher / (3 F_student)) = 1 / (1 + %.2fM / (3 x %.2fM))"
-        " = **%.3f** (forward FLOPs per target token, `flops_per_token` in benchmarks/bench_kd.py)."
-        % (flops["teacher"] / 1e6, flops["student"] / 1e6, floor),
+        "FLOPs floors (forward FLOPs per target token: student F_S = %.2fM, of which decoder + output projection "
+        "%.2fM; teacher F_T = %.2fM; `floors` in benchmarks/bench_kd.py): token_kd online "
+        "1 / (1 + F_T / (3 F_S)) = **%.3f**; hybrid_kd online, which also runs the student's decoder on the "
+        "teacher's targets (%.2f x the gold tokens), 3 F_S / (3 F_S + 3 x %.2f F_S,dec + F_T) = **%.3f**."
+        % (fl["student"] / 1e6, fl["student_dec"] / 1e6, fl["teacher"] / 1e6, fl["token"], fl["rho"], fl["rho"],
+           fl["hybrid"]),
         "",
         "Loss-level memory probe (%d tokens x %d vocab, one fresh process each; inputs = student logits and "
-        "the teacher's full log-probs, not counted):" % (a.probe_tokens, a.probe_vocab),
+        "the teacher's full log-probs, not counted; peak = VmHWM over forward + backward):"
+        % (a.probe_tokens, a.probe_vocab),
         "",
         "\n".join(probe_rows),
         "",
         "- Command: `%s`" % " ".join(shlex.quote(x) for x in [os.path.relpath(sys.executable, REPO)] + sys.argv),
         "- Date: %s; total %.0f s" % (datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds),
-        "- Machine: %s; nproc %d; torch threads %s%s" % (demo.machine(), os.cpu_count() or 0, demo._torch_threads(),
-                                                        "; OMP_NUM_THREADS=%s" % a.threads if a.threads else ""),
+        "- Machine: %s; nproc %d; torch threads %s%s" % (
+            demo.machine(), os.cpu_count() or 0, demo._torch_threads(),
+            "; runs with OMP_NUM_THREADS=%s" % a.threads if a.threads else ""),
         "- Data: %s; train %d sentences, %d source / %d target tokens (mean %.1f / %.1f, eos included), "
-        "vocabulary %d; teacher-decoded train targets: %d tokens (%.2f x gold)"
+        "vocabulary %d; teacher-decoded train targets (kd-distill-corpus `%s`): %d tokens (%.2f x gold)"
         % (data, stats["sentences"], stats["src_tokens"], stats["tgt_tokens"], stats["src_len"], stats["tgt_len"],
-           stats["vocab"], stats["distilled_tokens"], stats["distilled_tokens"] / stats["tgt_tokens"]),
-        "- Student: transformer %s (demo defaults), %.2fM FLOPs/target token" % (role("student"),
-                                                                                flops["student"] / 1e6),
-        "- Teacher: transformer %s, %.2fM FLOPs/target token, `%s`%s" % (
-            role("teacher"), flops["teacher"] / 1e6, os.path.relpath(a.teacher_path, REPO),
-            "" if a.teacher else " (trained %d updates by the benchmark)" % a.teacher_updates),
+           stats["vocab"], " ".join(a.decoding), stats["distilled_tokens"], fl["rho"]),
+        "- Student: transformer %s (the demo's), %.2fM FLOPs/target token" % (role("student"), fl["student"] / 1e6),
+        "- Teacher: transformer %s (the demo's), %.2fM FLOPs/target token, `%s`%s" % (
+            role("teacher"), fl["teacher"] / 1e6, os.path.relpath(a.teacher_path, REPO),
+            " (trained %d updates by the benchmark: its speed, not its quality, matters here)" % a.teacher_updates
+            if a.own_teacher else ""),
         "- Runs: %d rounds x %d configurations, interleaved (order rotated per round); each a fresh fairseq-train, "
-        "--max-tokens %d, adam, %d warm-up + %d measured updates (words/s of the train_inner intervals after the "
-        "warm-up, --log-interval %d), --no-save --disable-validation; top-K = %d; peak RSS = ru_maxrss of the "
-        "child (os.wait4)" % (a.rounds, len(names), a.max_tokens, a.warmup, a.updates, a.log_interval, a.topk),
+        "--max-tokens %d, adam, %d warm-up + %d measured updates, --log-interval %d, --no-save "
+        "--disable-validation; top-K = %d. words/s: fairseq's wps over the train_inner intervals after the "
+        "warm-up; words/CPU-s: the same tokens over the child's CPU time between those log lines (/proc); "
+        "peak RSS: ru_maxrss of the child (os.wait4)"
+        % (a.rounds, len(names), a.max_tokens, a.warmup, a.updates, a.log_interval, a.topk),
         "- Configurations: %s" % "; ".join(
             "%s: `%s`" % (n, " ".join(CONFIGS[n][1]).replace("{", "").replace("}", "")) for n in names),
         END,
@@ -491,8 +538,8 @@ def parse_args(argv=None):
                                            "a synthetic corpus)")
     parser.add_argument("--synthetic", action="store_true", help="use the synthetic corpus even if the demo's exists")
     parser.add_argument("--teacher", help="teacher checkpoint (default: the demo's, else one trained here)")
-    parser.add_argument("--teacher-updates", type=int, default=300, help="updates of the benchmark's own teacher")
-    parser.add_argument("--train-sentences", type=int, default=4000, help="train subset size (0: all)")
+    parser.add_argument("--teacher-updates", type=int, default=30, help="updates of the benchmark's own teacher")
+    parser.add_argument("--train-sentences", type=int, default=3500, help="train subset size (0: all)")
     parser.add_argument("--valid-sentences", type=int, default=100, help="valid subset size (0: all)")
     parser.add_argument("--vocab", type=int, default=4000, help="synthetic vocabulary size (specials included)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -502,15 +549,16 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=1500)
     parser.add_argument("--topk", type=int, default=8, help="K of the top-K runs and of the cache")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from %s" % list(CONFIGS))
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: unset)")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every step and run (0: unset)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--probe-tokens", type=int, default=4096)
     parser.add_argument("--probe-vocab", type=int, default=4000)
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "PERFORMANCE.md"))
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one loss probe and print its result
     a = parser.parse_args(argv)
-    for key, values in demo.DEFAULTS.items():  # the demo's (full mode) model sizes
-        setattr(a, key, values[0])
+    for key, values in demo.DEFAULTS.items():  # the demo's (full mode) model sizes, warm-up and beam
+        if key.startswith(("teacher_", "student_")) or key in ("warmup", "distill_beam"):
+            setattr(a, "demo_" + key if key == "warmup" else key, values[0])
     a.configs = [c for c in a.configs.split(",") if c]
     unknown = [c for c in a.configs if c not in CONFIGS]
     if unknown or "plain" not in a.configs:
@@ -526,32 +574,34 @@ def main(argv=None):
         print(probe(a.probe, a.probe_tokens, a.probe_vocab, a.topk))
         return
     t0 = time.time()
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}))
-    p = Prep(SimpleNamespace(work=a.work))
+    p = Prep(SimpleNamespace(work=a.work, threads=a.threads))
+    env = p.env
     try:
         paths = prepare(a, p)
     except demo.StepFailed as e:
         sys.exit("bench_kd: %s" % e)
     stats = corpus_stats(paths["data"], paths["cache"])
-    flops = {r: model_flops(a, r, stats) for r in ("student", "teacher")}
+    fl = floors(a, stats)
     results = {name: [] for name in a.configs}
     for rnd in range(a.rounds):
         order = a.configs[rnd % len(a.configs):] + a.configs[:rnd % len(a.configs)]
         for name in order:
             log = p.path("logs", "run-r%d-%s.log" % (rnd, name))
-            rc, wall, rss = run_measured(config_cmd(a, name, paths), log, env)
-            if rc != 0:
+            r = run_measured(config_cmd(a, name, paths), log, env, a.warmup, a.warmup + a.updates)
+            if r["rc"] != 0:
                 with open(log, errors="replace") as f:
                     sys.stderr.write("".join(f.readlines()[-30:]))
-                sys.exit("bench_kd: %s failed (exit %d); log: %s" % (name, rc, log))
-            wps = measured_wps(log, a.warmup)
-            results[name].append({"wps": wps, "rss": rss, "wall": wall})
-            p.progress("round %d" % rnd, "%-20s %8.0f words/s  %6.0f MiB  %4.0f s" % (name, wps, rss / 2 ** 20, wall))
+                sys.exit("bench_kd: %s failed (exit %d); log: %s" % (name, r["rc"], log))
+            tokens, r["wps"] = measured_tokens(log, a.warmup)
+            r["cpu_wps"] = tokens / r["cpu"] if r["cpu"] else float("nan")
+            results[name].append(r)
+            p.progress("round %d" % rnd, "%-20s %7.0f words/s %7.0f words/CPU-s %5.0f MiB %4.0f s" % (
+                name, r["wps"], r["cpu_wps"], r["rss"] / 2 ** 20, r["wall"]))
     with open(p.path("results.json"), "w") as f:
-        json.dump({"results": results, "stats": stats, "flops": flops}, f, indent=1)
+        json.dump({"results": results, "stats": stats, "floors": fl}, f, indent=1)
     p.progress("probe", "loss-level memory probes ...")
     probes = run_probes(a, env)
-    section = report(a, results, probes, stats, flops, time.time() - t0)
+    section = report(a, results, probes, stats, fl, time.time() - t0)
     write_report(a.output, section)
     print("\n" + section)
     p.progress("bench", "written to %s" % a.output)

@@ -4,8 +4,8 @@ Every function is pure: it takes normalized log-probabilities ``lp`` (teacher) a
 shape (..., C) over the same support (full vocabulary or a top-K subset) and returns shape (...).
 Temperature, top-K and masking are applied by the caller (see :mod:`kd_plugin.signals`).
 
-:func:`fused_forward_kl` is the memory-lean path of the common case (forward KL over the full vocabulary):
-masking, temperature and the divergence in row chunks, with an analytic backward (see its doc).
+:func:`full_vocab_divergence` is the memory-lean path over the full vocabulary: masking, temperature and
+the divergence in row chunks, recomputed in backward (analytic gradient for forward KL, the common case).
 
     forward_kl       KL(p||q)   = sum_c p_c (log p_c - log q_c)                    (mean-seeking)
     reverse_kl       KL(q||p)   = sum_c q_c (log q_c - log p_c)                    (mode-seeking)
@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 21  # rows x vocab per chunk of fused_forward_kl (8 MiB of float32)
+CHUNK_ELEMENTS = 1 << 20  # rows x vocab per chunk of full_vocab_divergence (4 MiB of float32)
 
 
 def _kl(lp, lq):
@@ -60,56 +60,84 @@ def skew_reverse_kl(lp, lq, skew_lambda=0.1, **_):
     return _kl(lq, _log_mix(lq, lp, skew_lambda))
 
 
-def _tempered(lprobs, rows, temperature):
-    """log_softmax(lprobs[rows] / T) in (at least) float32; log-probs are used as they are at T = 1."""
-    x = lprobs.index_select(0, rows)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
+def _tempered(lprobs, temperature):
+    """log_softmax(lprobs / T) in (at least) float32; log-probs are used as they are at T = 1."""
+    x = lprobs.to(torch.promote_types(lprobs.dtype, torch.float32))
     return x if temperature == 1 else F.log_softmax(x / temperature, dim=-1)
 
 
-class _FusedForwardKL(torch.autograd.Function):
-    r"""KL(p_T || q_T) of the selected rows; saves only references to its inputs and recomputes in backward.
+def _chunks(n, v):
+    """Row ranges of about CHUNK_ELEMENTS elements."""
+    step = max(1, CHUNK_ELEMENTS // max(1, v))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _forward_kl_rows(lp, lq):
+    """KL(p||q) = p . (lp - lq) per row (one product, no mask); rows where 0 * (log 0 - log q) made a NaN
+    are redone with 0 log 0 = 0 (:func:`_kl`)."""
+    out = torch.linalg.vecdot(lp.exp(), lp - lq)
+    bad = out.isnan().nonzero().squeeze(1)
+    if len(bad):
+        out[bad] = _kl(lp[bad], lq[bad])
+    return out
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    r"""D(p_T || q_T) row by row over contiguous chunks of an (R x V) pair of log-prob tensors. Saves only
+    references to its inputs; backward recomputes each chunk: analytically for forward KL,
 
         d KL(p_T || q_T) / d lq = (q_T - p_T) / T      (lq: the student log-probs, before the / T)
+    and with autograd on the chunk otherwise. Every row is computed (views, no gather copy); the values
+    of ``rows`` are returned and the other rows get an exactly zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, lq, lp, rows, temperature):
-        chunk = max(1, CHUNK_ELEMENTS // max(1, lq.size(-1)))
-        out = torch.empty(len(rows), dtype=torch.promote_types(lq.dtype, torch.float32), device=lq.device)
-        for i in range(0, len(rows), chunk):
-            r = rows[i: i + chunk]
-            out[i: i + chunk] = _kl(_tempered(lp, r, temperature), _tempered(lq, r, temperature))
+    def forward(ctx, lq, lp, rows, temperature, divergence, kwargs):
+        analytic = divergence is forward_kl
+        out = torch.empty(lq.size(0), dtype=torch.promote_types(lq.dtype, torch.float32), device=lq.device)
+        for c in _chunks(lq.size(0), lq.size(-1)):
+            t_lp, t_lq = _tempered(lp[c], temperature), _tempered(lq[c], temperature)
+            out[c] = _forward_kl_rows(t_lp, t_lq) if analytic else divergence(t_lp, t_lq, **kwargs)
         ctx.save_for_backward(lq, lp, rows)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return out
+        ctx.args = temperature, divergence, kwargs
+        return out.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad_out):
         lq, lp, rows = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
-        grad = torch.zeros_like(lq)
-        for i in range(0, len(rows), chunk):
-            r = rows[i: i + chunk]
-            g = (_tempered(lq, r, t).exp_() - _tempered(lp, r, t).exp_()).mul_(grad_out[i: i + chunk, None] / t)
-            grad.index_copy_(0, r, g.to(grad.dtype))
-        return grad, None, None, None
+        t, divergence, kwargs = ctx.args
+        scale = grad_out.new_zeros(lq.size(0)).index_copy_(0, rows, grad_out)  # dL/dD per row
+        grad = torch.empty(lq.shape, dtype=scale.dtype, device=lq.device)
+        for c in _chunks(lq.size(0), lq.size(-1)):
+            if divergence is forward_kl:
+                torch.exp(_tempered(lq[c], t), out=grad[c]).sub_(_tempered(lp[c], t).exp())
+                grad[c].mul_(scale[c].unsqueeze(1) / t)
+            else:
+                with torch.enable_grad():
+                    x = lq[c].detach().requires_grad_()
+                    d = divergence(_tempered(lp[c], t), _tempered(x, t), **kwargs)
+                    grad[c] = torch.autograd.grad(d, x, scale[c])[0]
+        dropped = torch.ones(lq.size(0), dtype=torch.bool, device=lq.device).index_fill_(0, rows, False)
+        grad.index_fill_(0, dropped.nonzero().squeeze(1), 0)  # exactly 0, even where a row is not finite
+        return grad.to(lq.dtype), None, None, None, None, None
 
 
-def fused_forward_kl(lq, lp, mask, temperature=1.0):
-    r"""KL(p_T || q_T) at the ``mask``ed positions, full vocabulary: the same values as
-    ``forward_kl(*aligned_log_probs({"lprobs": lp}, lq, mask, temperature))``, differentiable w.r.t. ``lq``.
+def full_vocab_divergence(divergence, lq, lp, mask, temperature=1.0, **kwargs):
+    r"""``divergence``(p_T, q_T) at the ``mask``ed positions over the full vocabulary: the values of
+    ``divergence(*aligned_log_probs({"lprobs": lp}, lq, mask, temperature), **kwargs)``, differentiable
+    w.r.t. ``lq``, computed in row chunks (forward KL: one fused product, analytic gradient).
 
     lq / lp: student / teacher log-probabilities (normalized, any float dtype), shape (..., V); mask: (...)
     bool. Returns the N = mask.sum() values in mask order, in float32 (float64 for float64 inputs).
-    Memory: neither the masked rows nor any (N x V) intermediate is kept for backward; each chunk of
-    rows is recomputed there, so the extra peak is the gradient w.r.t. ``lq`` (one tensor of its shape).
-    Pass the student's log-probs (not logits): the log_softmax that made them has saved them anyway,
-    and the gradient (q_T - p_T) / T sums to 0 over V, so it passes that log_softmax unchanged.
+    Memory: no (N x V) intermediate is kept for backward (chunks of rows are recomputed there), so the
+    extra peak is the gradient w.r.t. ``lq`` (one tensor of its shape) plus one chunk's temporaries.
+    Pass the student's log-probs (not logits): the log_softmax that made them has saved them anyway, and
+    its backward turns the gradient w.r.t. the log-probs into the one w.r.t. the logits.
     """
     v = lq.size(-1)
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    return _FusedForwardKL.apply(lq.reshape(-1, v), lp.reshape(-1, v).detach(), rows, float(temperature))
+    return _ChunkedDivergence.apply(lq.reshape(-1, v), lp.reshape(-1, v).detach(), rows, float(temperature),
+                                    divergence, kwargs)
 
 
 DIVERGENCES = {

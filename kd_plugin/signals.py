@@ -12,7 +12,6 @@ Temperature on a top-K signal re-softmaxes the stored log-probs over the K ids:
 For a single teacher this equals the tempered teacher distribution restricted to its top-K and
 renormalized, exactly; K = V recovers the full-vocabulary divergence.
 """
-import torch
 import torch.nn.functional as F
 
 TEACHER = "teacher"

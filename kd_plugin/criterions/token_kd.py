@@ -19,7 +19,7 @@ from fairseq.dataclass import ChoiceEnum
 
 from kd_plugin.checks import KDConfigError
 from kd_plugin.criterions.base import KDCriterionBase, check_range
-from kd_plugin.divergences import DIVERGENCES, forward_kl, fused_forward_kl, get_divergence
+from kd_plugin.divergences import DIVERGENCES, full_vocab_divergence, get_divergence
 from kd_plugin.selection import GlobalCEQueue, select_batch
 from kd_plugin.signals import TEACHER, aligned_log_probs, signal_topk
 
@@ -73,8 +73,9 @@ class TokenKDCriterion(KDCriterionBase):
         mask = target.ne(self.padding_idx)
         if self.ignore_prefix_size > 0:
             mask[:, : self.ignore_prefix_size] = False
-        if self.divergence is forward_kl and not self.teacher_topk and not signal_topk(teacher):
-            d = fused_forward_kl(lprobs, teacher["lprobs"], mask, self.temperature)  # memory-lean common case
+        if not self.teacher_topk and not signal_topk(teacher):  # full vocabulary: chunked, lean on memory
+            d = full_vocab_divergence(self.divergence, lprobs, teacher["lprobs"], mask, self.temperature,
+                                      **self.div_kwargs)
         else:
             lp, lq = aligned_log_probs(teacher, logits, mask, self.temperature, self.teacher_topk)
             d = self.divergence(lp, lq, **self.div_kwargs)
