@@ -1,28 +1,29 @@
 #!/usr/bin/env python3
 r"""Speed and peak memory of kd-plugin's criteria, as ratios to fairseq's own label_smoothed_cross_entropy.
 
-    make bench                                       # .venv/bin/python benchmarks/bench_kd.py
-    python benchmarks/bench_kd.py --rounds 3 --warmup 10 --updates 40
+    make bench                                       # .venv/bin/python benchmarks/bench_kd.py  (~10 min)
+    python benchmarks/bench_kd.py --rounds 5 --warmup 10 --updates 40
     python benchmarks/bench_kd.py --data-bin DIR --teacher T.pt      # a real corpus and teacher
-    python benchmarks/bench_kd.py --synthetic                        # ignore work/demo/data-bin
+    python benchmarks/bench_kd.py --synthetic                        # ignore the demo's data and teacher
 
 Preparation (cached under --work, redone when its arguments change):
-  data     --data-bin DIR, else the demo's work/demo/data-bin, else a synthetic corpus (a 4000-type
-           vocabulary with demo-like sentence lengths); its train/valid splits are subsampled to
-           --train-sentences / --valid-sentences and re-binarized (same dictionaries);
-  teacher  --teacher T.pt, else the demo's teacher checkpoint (with the demo's data), else the demo's
-           teacher architecture trained for --teacher-updates on the benchmark data;
-  cache    kd-dump-teacher --topk K (train, valid) and kd-distill-corpus (the demo's beam) into ONE
-           directory, which is --teacher-cache for the cached runs and --teacher-targets for sentence_kd.
-Measurement: --rounds rounds; each round runs every configuration (the order rotated per round) as a fresh
-fairseq-train process, demo student architecture, same data and batches, --warmup + --updates updates.
-words/s = fairseq's wps over the train_inner intervals after the warm-up (tokens / time of those intervals);
-peak RSS = ru_maxrss of that child alone (os.wait4). Both are reported as ratios to the plain run of the
-same round (median and min-max over rounds). Online-teacher runs are also compared to the FLOPs floor
-    floor = 1 / (1 + F_teacher / (3 F_student))
-(teacher forward vs. student forward + backward, F from :func:`flops_per_token`). A loss-level probe
-(:func:`probe`) measures the extra peak memory of each loss in units of one (tokens x vocab) fp32 tensor.
-Results: a markdown section written between the BEGIN/END markers of --output (docs/PERFORMANCE.md).
+  data     --data-bin DIR; else work/demo/data-bin when the demo's teacher checkpoint exists too; else a
+           synthetic corpus (4000-type vocabulary, demo-like sentence lengths, target = source). Train and
+           valid are subsampled to --train-sentences / --valid-sentences and re-binarized (same dictionaries);
+  teacher  --teacher T.pt, else the demo's, else the demo's teacher architecture trained --teacher-updates
+           updates here (a valid checkpoint of the right size: its cost, not its quality, is measured);
+  cache    kd-dump-teacher --topk K and kd-distill-corpus (train, valid) into ONE directory: --teacher-cache
+           of the cached runs (both signals for hybrid_kd), --teacher-targets of the others.
+Measurement: --rounds rounds; each round runs every configuration (order rotated per round) as a fresh
+fairseq-train (the demo's student and optimizer, --max-tokens 1500), --warmup + --updates updates, with
+OMP_NUM_THREADS=--threads (default 1: on a shared machine oversubscribed OpenMP threads wreck timings).
+Per run: words/s = fairseq's wps over the train_inner intervals after the warm-up; words/CPU-s = the same
+tokens over the child's CPU time between those lines (robust to waiting for a shared core); peak RSS =
+ru_maxrss of that child alone (os.wait4). Reported as ratios to the plain run of the same round (median,
+min-max). Online-teacher runs are compared to FLOPs floors (:func:`floors`). A loss-level probe (:func:`probe`)
+measures the extra peak memory of each loss in units of one (tokens x vocab) fp32 tensor.
+Results: a markdown section written between the BEGIN/END markers of --output (docs/PERFORMANCE.md); the raw
+numbers in WORK/results.json, every run's log in WORK/logs.
 """
 import argparse
 import datetime
@@ -271,20 +272,25 @@ def measured_tokens(log_path, warmup):
 
 
 def train_cmd(a, data, criterion_args, max_update, role="student", extra=()):
-    """fairseq-train with the demo's architecture of ``role`` and its optimizer; no checkpoints, no validation."""
+    """fairseq-train: the demo's architecture of ``role`` and optimizer, the benchmark's batches and logging."""
     return [demo.tool("fairseq-train"), data, "--source-lang", a.src, "--target-lang", a.tgt] \
         + [str(x) for x in demo.model_args(a, role)] + list(criterion_args) + [
         "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-        "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.demo_warmup), "--warmup-init-lr", "1e-07",
+        "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.demo_warmup),
+        "--warmup-init-lr", "1e-07",
         "--max-tokens", str(a.max_tokens), "--max-update", str(max_update), "--seed", str(a.seed),
         "--num-workers", "0", "--log-format", "simple", "--log-interval", str(a.log_interval),
         "--no-progress-bar"] + list(extra)
 
 
+def config_args(a, name, paths):
+    """The criterion/task flags of configuration ``name``, placeholders filled from ``paths``."""
+    fields = dict(paths, user_dir=paths.get("user_dir", USER_DIR), topk=a.topk)
+    return [x.format(**fields) for x in CONFIGS[name][1]]
+
+
 def config_cmd(a, name, paths):
-    _, args = CONFIGS[name]
-    fields = dict(paths, user_dir=USER_DIR, topk=a.topk)
-    return train_cmd(a, paths["data"], [x.format(**fields) for x in args], a.warmup + a.updates,
+    return train_cmd(a, paths["data"], config_args(a, name, paths), a.warmup + a.updates,
                      extra=["--no-save", "--disable-validation"])
 
 
@@ -509,8 +515,9 @@ def report(a, results, probes, stats, fl, seconds):
         "warm-up; words/CPU-s: the same tokens over the child's CPU time between those log lines (/proc); "
         "peak RSS: ru_maxrss of the child (os.wait4)"
         % (a.rounds, len(names), a.max_tokens, a.warmup, a.updates, a.log_interval, a.topk),
-        "- Configurations: %s" % "; ".join(
-            "%s: `%s`" % (n, " ".join(CONFIGS[n][1]).replace("{", "").replace("}", "")) for n in names),
+        "- Configurations (fairseq-train DATA, the student's architecture and the flags above, plus): %s"
+        % "; ".join("%s: `%s`" % (n, " ".join(config_args(a, n, {k: os.path.relpath(v, REPO) for k, v in
+                                                                   a.paths.items()}))) for n in names),
         END,
     ]
     return "\n".join(lines)
@@ -534,8 +541,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work", default=os.path.join(REPO, "work", "bench"), help="work directory")
-    parser.add_argument("--data-bin", help="binarized data dir (default: work/demo/data-bin if present, else "
-                                           "a synthetic corpus)")
+    parser.add_argument("--data-bin", help="binarized data dir (default: work/demo/data-bin with the demo's "
+                                           "teacher, else a synthetic corpus)")
     parser.add_argument("--synthetic", action="store_true", help="use the synthetic corpus even if the demo's exists")
     parser.add_argument("--teacher", help="teacher checkpoint (default: the demo's, else one trained here)")
     parser.add_argument("--teacher-updates", type=int, default=30, help="updates of the benchmark's own teacher")
@@ -549,7 +556,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=1500)
     parser.add_argument("--topk", type=int, default=8, help="K of the top-K runs and of the cache")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from %s" % list(CONFIGS))
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every step and run (0: unset)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every step and run (0: unset)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--probe-tokens", type=int, default=4096)
     parser.add_argument("--probe-vocab", type=int, default=4000)
@@ -580,6 +587,7 @@ def main(argv=None):
         paths = prepare(a, p)
     except demo.StepFailed as e:
         sys.exit("bench_kd: %s" % e)
+    a.paths = dict(paths, user_dir=USER_DIR)
     stats = corpus_stats(paths["data"], paths["cache"])
     fl = floors(a, stats)
     results = {name: [] for name in a.configs}

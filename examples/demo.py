@@ -48,6 +48,10 @@ STUDENTS = {
     "hybrid": KD_TASK + ["--teacher-path", "{teacher}", "--teacher-targets", "{distill}",
                          "--criterion", "hybrid_kd", "--label-smoothing", "0.1"],
 }
+# Opt-in ablation (--students ...,hybrid-even): hybrid_kd with the gate fixed at 1/2, i.e. what the learned
+# per-sentence gate is measured against (docs/GATE.md).
+STUDENTS["hybrid-even"] = STUDENTS["hybrid"] + ["--kd-gate", "fixed:0.5"]
+DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
 # Default sizes: (full, quick); 0 pairs = the whole split. Full mode, 2 CPU cores, 683 updates per epoch:
@@ -315,10 +319,17 @@ def score(p, name):
     bleu, chrf = BLEU(), CHRF()
     result = {"bleu": bleu.corpus_score(hyps, [refs]).score, "chrf": chrf.corpus_score(hyps, [refs]).score,
               "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature()),
-              "params": count_params(checkpoint(p, name))}
+              "params": count_params(checkpoint(p, name)), "updates": trained_updates(p, name)}
     with open(p.path("eval", "%s.json" % name), "w") as f:
         json.dump(result, f)
     return result
+
+
+def trained_updates(p, name):
+    """The number of updates of the system's training run (from its fairseq-train log)."""
+    with open(p.path("logs", "train-%s.log" % name), errors="replace") as f:
+        found = re.findall(r"num_updates[ =](\d+)", f.read())
+    return int(found[-1]) if found else 0
 
 
 def evaluate(p, name):
@@ -349,11 +360,11 @@ def report(p, results):
     """The markdown results: one table plus everything needed to reproduce it."""
     a = p.args
     teacher_train = p.seconds.get("train-teacher", 0.0)
-    rows = ["| system | params | train time (s) | BLEU | chrF |", "|---|---:|---:|---:|---:|"]
+    rows = ["| system | params | updates | train time (s) | BLEU | chrF |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         label = "teacher" if name == "teacher" else "student: " + name
-        rows.append("| %s | %s | %.0f | %.1f | %.1f |" % (label, "{:,}".format(r["params"]),
-                                                        p.seconds.get("train-" + name, 0.0), r["bleu"], r["chrf"]))
+        rows.append("| %s | %s | %d | %.0f | %.1f | %.1f |" % (
+            label, "{:,}".format(r["params"]), r["updates"], p.seconds.get("train-" + name, 0.0), r["bleu"], r["chrf"]))
     distill = sum(p.seconds.get("distill-" + s, 0.0) for s in ("train", "valid"))
     sizes = {s: len(read_lines(p.path("corpus", "%s.%s" % (s, TGT)))) for s in SPLITS}
     first = next(iter(results.values()))
@@ -369,7 +380,9 @@ def report(p, results):
         % ("`%s`" % a.data if a.data else "Debian libreoffice-help-de + libreoffice-help-en-us (MPL-2.0)",
            sizes["train"], sizes["valid"], sizes["test"], a.bpe_size),
         "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(a, "teacher"), a.teacher_epochs, teacher_train),
-        "- Students (all): transformer %s, %s epochs, same seed/lr/batches" % (arch(a, "student"), a.student_epochs),
+        "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that load "
+        "teacher-decoded targets batch by the longer of the two targets, so they take more, smaller updates)"
+        % (arch(a, "student"), a.student_epochs),
         "- Shared: adam lr %s, inverse_sqrt warmup %s, max-tokens %s, dropout %s, seed %s%s"
         % (a.lr, a.warmup, a.max_tokens, a.dropout, a.seed, ", max-update %s" % a.max_update if a.max_update else ""),
         "- Student criteria: %s" % "; ".join("%s: `%s`" % (s, " ".join(map(repo_relative, student_args(p, s))))
@@ -379,6 +392,8 @@ def report(p, results):
         lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam %d): %.0f s, "
                      "not included in the sentence/hybrid train times" % (a.distill_beam, distill))
     lines += [
+        "- Total wall time of the steps: %.0f s (%.1f min; cached steps count the time of the run that made them)"
+        % (sum(p.seconds.values()), sum(p.seconds.values()) / 60),
         "- Decoding: stock `%s` (no --user-dir)" % " ".join(map(repo_relative, generate_cmd(p, "SYSTEM"))),
         "- sacreBLEU: BLEU `%s`, chrF `%s`" % (first["bleu_signature"], first["chrf_signature"]),
         "",
@@ -417,7 +432,8 @@ def parse_args(argv=None):
                         help="de<TAB>en corpus to use instead of the LibreOffice help (also DATA=file.tsv)")
     parser.add_argument("--cache", default=os.path.join(REPO, "work", "cache"),
                         help="download cache of examples/build_corpus.py")
-    parser.add_argument("--students", default=",".join(STUDENTS), help="comma-separated, from %s" % list(STUDENTS))
+    parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
+                        help="comma-separated, from %s" % list(STUDENTS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-tokens", type=int, default=1500)
