@@ -57,7 +57,13 @@ def test_two_workers_equal_one_worker_with_update_freq_2(name, data_bin, teacher
     rows, ref = per_update(log), per_update(single)
     assert sorted(rows) == sorted(ref) == list(range(1, UPDATES + 1))
     for n in rows:  # loss, nll_loss, kd_loss (hybrid: sent_nll_loss, gate, gate_target...), gnorm, lr, wpb, bsz
-        assert rows[n] == ref[n], (n, rows[n], ref[n])
+        # hybrid_kd's gate columns come from per-worker running means (see below): equal to the last digit or
+        # one rounding step apart; everything else is bit for bit
+        gate_cols = {k for k in ref[n] if k.startswith("gate")} if name == "hybrid_kd" else set()
+        assert {k: v for k, v in rows[n].items() if k not in gate_cols} == \
+            {k: v for k, v in ref[n].items() if k not in gate_cols}, (n, rows[n], ref[n])
+        for k in gate_cols:
+            assert abs(float(rows[n][k]) - float(ref[n][k])) <= 2e-3, (n, k, rows[n][k], ref[n][k])
 
     a, b = load_state(os.path.join(two, "checkpoint_last.pt")), load_state(os.path.join(one, "checkpoint_last.pt"))
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"] if not UNUSED.search(k))
@@ -68,7 +74,7 @@ def test_two_workers_equal_one_worker_with_update_freq_2(name, data_bin, teacher
     # its own batches (buffers are not synchronized), so they, and through the gate's targets the gate and
     # the student, differ slightly. Measured after 5 updates: running means 3.1605 vs 3.1574 (0.1%), gate
     # parameters up to 1.4e-3 apart (gate.hidden.weight, max |w| 0.17; the output layer, zero at the start,
-    # up to 2.2e-4 of 2.3e-3), student weights up to 2.7e-6; the logged gate and targets agree (above)
+    # up to 2.2e-4 of 2.3e-3), student weights up to 2.7e-6; the logged gate and targets agree to 2e-3 (above)
     assert diff < 1e-4, diff
     for key, v in a["criterion"].items():
         assert (v - b["criterion"][key]).abs().max() < 5e-3, key

@@ -1,4 +1,5 @@
 """sentence_kd: NLL on teacher-decoded targets, gold mixing, real training and stock decoding."""
+import numpy as np
 import pytest
 import torch
 
@@ -39,9 +40,13 @@ def test_gold_mix_one_is_ls_ce_on_gold_and_half_mixes(data_bin, teacher_targets)
     ref_model.train()
     ref_loss, ref_size, _ = ref(ref_model, sample)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6) and size == ref_size
-    # validation never mixes
+    # validation never mixes: it is LS-CE on the teacher's output, which differs from gold in this batch
+    assert not torch.equal(sample["teacher_target"], sample["target"][:, :sample["teacher_target"].size(1)])
     val_loss, _, _ = criterion_loss(task, model, crit, sample, train=False)
-    assert val_loss.item() != pytest.approx(ref_loss.item(), rel=1e-3)
+    ref_model.eval()
+    ref_val, _, _ = ref(ref_model, _with_target(sample, sample["teacher_target"],
+                                                sample["teacher_net_input"]["prev_output_tokens"]))
+    assert val_loss.item() == pytest.approx(ref_val.item(), rel=1e-6)
     crit.gold_mix = 0.5
     crit.train()
     torch.manual_seed(0)
@@ -60,3 +65,23 @@ def test_sentence_kd_trains_and_decodes_with_stock_fairseq(data_bin, teacher_tar
     out = run("fairseq-generate", data_bin, "--path", save + "/checkpoint_last.pt", "--gen-subset", "valid",
               "--beam", "2", "--batch-size", "64")
     assert sum(line.startswith("H-") for line in out.splitlines()) == 100
+
+
+def test_batches_count_only_the_targets_the_loss_runs_on(data_bin, teacher_targets):
+    """Without gold mix, sentence_kd batches by max(source, teacher output): gold lengths would only waste
+    batch room. A loss that also trains on gold counts max(source, gold, teacher output), also for datasets
+    loaded before the criterion was built (fairseq-train loads valid first)."""
+    cfg, task, _, _ = build(data_bin, "--task", "translation_kd", "--criterion", "sentence_kd",
+                            "--teacher-targets", teacher_targets)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    src, gold, decoded = ds.dataset.src_sizes, ds.dataset.tgt_sizes, ds.extras[0].sizes
+    idx = np.arange(len(ds))
+    with_gold = np.maximum(np.maximum(src, gold), decoded)
+    assert (ds.num_tokens_vec(idx) == np.maximum(src, decoded)).all()
+    assert (ds.num_tokens_vec(idx) < with_gold).sum() > len(ds) // 20
+    batches = lambda: len(task.get_batch_iterator(ds, max_tokens=300, seed=1, disable_iterator_cache=True))
+    fewer = batches()
+    cfg.criterion.kd_gold_mix = 0.5
+    task.build_criterion(cfg.criterion)
+    assert (ds.num_tokens_vec(idx) == with_gold).all() and batches() > fewer

@@ -22,6 +22,7 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus access to the teacher's signals in the sample."""
 
     teacher_signals = ()  # subset of {"logits", "targets"}
+    gold_targets = True  # whether the loss ever runs the student on the gold target (batching counts it)
     teacher_topk = 0
 
     def require(self, sample, key):

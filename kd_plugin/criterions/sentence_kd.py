@@ -53,6 +53,7 @@ class SentenceKDCriterion(KDCriterionBase):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         check_range("--kd-gold-mix", kd_gold_mix, 0, 1)
         self.gold_mix = kd_gold_mix
+        self.gold_targets = kd_gold_mix > 0
 
     def sentence_sample(self, sample):
         self.require(sample, TEACHER_TARGET)

@@ -35,13 +35,19 @@ class TeacherTargets:
 class KDLanguagePairDataset(BaseWrapperDataset):
     """Wraps a LanguagePairDataset and adds ``extras`` (objects with ``key``, ``[i]`` and ``collate``)."""
 
-    def __init__(self, dataset, extras):
+    def __init__(self, dataset, extras, gold_targets=True):
         super().__init__(dataset)
         self.extras = list(extras)
-        sizes = dataset.tgt_sizes if dataset.tgt_sizes is not None else dataset.src_sizes
-        for extra in self.extras:
-            if getattr(extra, "sizes", None) is not None:
-                sizes = np.maximum(sizes, extra.sizes)
+        self.batch_by_gold(gold_targets)
+
+    def batch_by_gold(self, gold_targets):
+        """Target lengths for batching: max(gold, teacher-decoded), or the teacher-decoded alone when the
+        criterion never runs the student on the gold target (sentence_kd without gold mix)."""
+        decoded = [e.sizes for e in self.extras if getattr(e, "sizes", None) is not None]
+        gold = self.dataset.tgt_sizes if self.dataset.tgt_sizes is not None else self.dataset.src_sizes
+        sizes = gold if gold_targets or not decoded else decoded[0]
+        for extra in decoded:
+            sizes = np.maximum(sizes, extra)
         self.target_sizes = sizes
 
     def __getitem__(self, index):

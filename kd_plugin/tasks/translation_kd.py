@@ -79,6 +79,7 @@ class TranslationKDTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self.teacher = None
         self.student_dim = None
+        self.gold_targets = True  # set by build_criterion: does the criterion train on gold targets?
 
     @property
     def targets_dir(self):
@@ -101,7 +102,7 @@ class TranslationKDTask(TranslationTask):
 
             extras.append(load_teacher_cache(self.cfg.teacher_cache, split, self.datasets[split], self.tgt_dict))
         if extras:
-            self.datasets[split] = KDLanguagePairDataset(self.datasets[split], extras)
+            self.datasets[split] = KDLanguagePairDataset(self.datasets[split], extras, self.gold_targets)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -124,6 +125,11 @@ class TranslationKDTask(TranslationTask):
             check_cache_topk(self.cfg.teacher_cache, getattr(criterion, "teacher_topk", 0))
         if "logits" in needs and not self.cfg.teacher_cache and self.teacher is None:
             self.teacher = Teacher.load(self.cfg.teacher_path, self)
+        # batch by the targets the loss really runs on (datasets loaded before, e.g. valid, are updated)
+        self.gold_targets = getattr(criterion, "gold_targets", True)
+        for dataset in self.datasets.values():
+            if isinstance(dataset, KDLanguagePairDataset):
+                dataset.batch_by_gold(self.gold_targets)
         return criterion
 
     def add_teacher_signal(self, sample, model, criterion):
