@@ -82,6 +82,27 @@ def test_batches_count_only_the_targets_the_loss_runs_on(data_bin, teacher_targe
     assert (ds.num_tokens_vec(idx) < with_gold).sum() > len(ds) // 20
     batches = lambda: len(task.get_batch_iterator(ds, max_tokens=300, seed=1, disable_iterator_cache=True))
     fewer = batches()
+    # ordered (for batching) by the lengths batching counts, as fairseq orders by its own
+    order = ds.ordered_indices()
+    assert (np.diff(src[order]) >= 0).all()
+    assert all((np.diff(decoded[order][src[order] == n]) >= 0).all() for n in np.unique(src))
     cfg.criterion.kd_gold_mix = 0.5
     task.build_criterion(cfg.criterion)
     assert (ds.num_tokens_vec(idx) == with_gold).all() and batches() > fewer
+
+
+def test_gold_batched_order_is_fairseqs(data_bin, teacher_targets):
+    """With gold lengths in batching (token_kd, hybrid_kd...) and no longer teacher output, the order, and so
+    the batches, are exactly those of fairseq's own translation task."""
+    _, task, _, _ = build(data_bin, "--task", "translation_kd", "--criterion", "sentence_kd",
+                          "--teacher-targets", teacher_targets, "--kd-gold-mix", "0.5")
+    _, plain, _, _ = build(data_bin)
+    for t in (task, plain):
+        t.load_dataset("train")
+    ds, ref = task.dataset("train"), plain.dataset("train")
+    ds.extras[0].sizes = np.minimum(ds.extras[0].sizes, ref.tgt_sizes)  # as if never longer than gold
+    ds.batch_by_gold(True)
+    np.random.seed(3)
+    order = ds.ordered_indices()
+    np.random.seed(3)
+    assert (order == ref.ordered_indices()).all() and not (order == np.arange(len(ds))).all()

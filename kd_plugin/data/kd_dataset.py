@@ -66,6 +66,18 @@ class KDLanguagePairDataset(BaseWrapperDataset):
             extra.collate([s[extra.key] for s in order], sample)
         return sample
 
+    def ordered_indices(self):
+        """fairseq's order (shuffled, then stably sorted by target and then source length), the target length
+        being the one batching counts: sorting by gold lengths while batching by teacher-output lengths would
+        put unequal lengths together and pad batches."""
+        inner = self.dataset
+        if getattr(inner, "buckets", None) is not None:
+            return inner.ordered_indices()
+        n = len(self)
+        indices = np.random.permutation(n).astype(np.int64) if inner.shuffle else np.arange(n, dtype=np.int64)
+        indices = indices[np.argsort(self.target_sizes[indices], kind="mergesort")]
+        return indices[np.argsort(inner.src_sizes[indices], kind="mergesort")]
+
     # batching and size filtering also count the teacher-decoded target length (self.target_sizes)
     def num_tokens(self, index):
         return max(self.dataset.src_sizes[index], self.target_sizes[index])
