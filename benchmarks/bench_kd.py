@@ -245,11 +245,13 @@ def run_measured(cmd, log_path, env, warmup, last):
 
 
 def measured_tokens(log_path, warmup):
-    """(tokens, fairseq words/s) of the train_inner intervals after ``warmup`` updates, the words/s being
-    sum(tokens) / sum(tokens / wps): each line covers the updates since the previous one, wpb tokens each.
+    """(tokens, fairseq words/s, sentences/s) of the train_inner intervals after ``warmup`` updates, the
+    words/s being sum(tokens) / sum(tokens / wps): each line covers the updates since the previous one, wpb
+    tokens and bsz sentences each. Sentences/s is 1 / time per sentence, i.e. proportional to epochs/s:
+    unlike words/s it does not depend on how long the targets trained on are (teacher outputs or gold).
     Refuses logs whose measured updates cross an epoch boundary (the split is too small).
     """
-    tokens = seconds = 0.0
+    tokens = seconds = sentences = 0.0
     last, epochs = 0, set()
     with open(log_path, errors="replace") as f:
         for line in f:
@@ -263,12 +265,13 @@ def measured_tokens(log_path, warmup):
             epochs.add(_INNER.search(line).group(1))
             n = float(kv["wpb"]) * updates
             tokens, seconds = tokens + n, seconds + n / float(kv["wps"])
+            sentences += float(kv["bsz"]) * updates
     if not tokens:
         raise RuntimeError("%s: no train_inner line after %d warm-up updates" % (log_path, warmup))
     if len(epochs) > 1:
         raise RuntimeError("%s: the measured updates span epochs %s: raise --train-sentences"
                            % (log_path, sorted(epochs)))
-    return tokens, tokens / seconds
+    return tokens, tokens / seconds, sentences / seconds
 
 
 def train_cmd(a, data, criterion_args, max_update, role="student", extra=()):
@@ -459,14 +462,15 @@ def ratios(results, name, key):
 def report(a, results, probes, stats, fl, seconds):
     names = list(results)
     rows = ["| configuration | words/s | words/s ratio | words/CPU-s ratio | speed target: words/s (CPU) | "
-            "peak RSS MiB | RSS ratio | memory <= %.1f |" % RSS_TARGET, "|---|---:|---:|---:|---|---:|---:|---|"]
+            "sentences/s ratio | peak RSS MiB | RSS ratio | memory <= %.1f |" % RSS_TARGET,
+            "|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for name in names:
-        sp, cpu, mem = (ratios(results, name, key) for key in ("wps", "cpu_wps", "rss"))
+        sp, cpu, sents, mem = (ratios(results, name, key) for key in ("wps", "cpu_wps", "sps", "rss"))
         target = speed_target(name, fl)
         speed = "%s: %s (%s)" % (target[1], verdict(sp, target[0]), verdict(cpu, target[0])) if target else "-"
-        rows.append("| %s | %.0f | %s | %s | %s | %.0f | %s | %s |" % (
+        rows.append("| %s | %.0f | %s | %s | %s | %s | %.0f | %s | %s |" % (
             CONFIGS[name][0], statistics.median(r["wps"] for r in results[name]), fmt_ratio(sp), fmt_ratio(cpu),
-            speed, statistics.median(r["rss"] for r in results[name]) / 2 ** 20, fmt_ratio(mem),
+            speed, fmt_ratio(sents), statistics.median(r["rss"] for r in results[name]) / 2 ** 20, fmt_ratio(mem),
             verdict(mem, RSS_TARGET, higher=False) if name != "plain" else "-"))
     probe_rows = ["| loss (forward + backward) | extra peak memory, in (tokens x vocab) fp32 tensors |", "|---|---:|"]
     probe_rows += ["| %s | %.2f |" % (PROBES[name][0], value) for name, value in probes.items()]
@@ -512,8 +516,9 @@ def report(a, results, probes, stats, fl, seconds):
         "- Runs: %d rounds x %d configurations, interleaved (order rotated per round); each a fresh fairseq-train, "
         "--max-tokens %d, adam, %d warm-up + %d measured updates, --log-interval %d, --no-save "
         "--disable-validation; top-K = %d. words/s: fairseq's wps over the train_inner intervals after the "
-        "warm-up; words/CPU-s: the same tokens over the child's CPU time between those log lines (/proc); "
-        "peak RSS: ru_maxrss of the child (os.wait4)"
+        "warm-up (target tokens trained on: the teacher's outputs for sentence_kd); words/CPU-s: the same tokens "
+        "over the child's CPU time between those log lines (/proc); sentences/s: source sentences over the same "
+        "time (proportional to epochs per second); peak RSS: ru_maxrss of the child (os.wait4)"
         % (a.rounds, len(names), a.max_tokens, a.warmup, a.updates, a.log_interval, a.topk),
         "- Configurations (fairseq-train DATA, the student's architecture and the flags above, plus): %s"
         % "; ".join("%s: `%s`" % (n, " ".join(config_args(a, n, {k: os.path.relpath(v, REPO) for k, v in
@@ -600,7 +605,7 @@ def main(argv=None):
                 with open(log, errors="replace") as f:
                     sys.stderr.write("".join(f.readlines()[-30:]))
                 sys.exit("bench_kd: %s failed (exit %d); log: %s" % (name, r["rc"], log))
-            tokens, r["wps"] = measured_tokens(log, a.warmup)
+            tokens, r["wps"], r["sps"] = measured_tokens(log, a.warmup)
             r["cpu_wps"] = tokens / r["cpu"] if r["cpu"] else float("nan")
             results[name].append(r)
             p.progress("round %d" % rnd, "%-20s %7.0f words/s %7.0f words/CPU-s %5.0f MiB %4.0f s" % (
