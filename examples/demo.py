@@ -3,7 +3,7 @@
 same budget (plain label smoothing, token-level KD, sentence-level KD, gated hybrid KD), all scored with stock
 ``fairseq-generate`` and sacreBLEU.
 
-    make demo                          # .venv/bin/python examples/demo.py  (~30 min on 2 CPU cores)
+    make demo                          # .venv/bin/python examples/demo.py  (~34 min on 2 CPU cores)
     make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
     python examples/demo.py --data my.tsv --students plain,token
     python examples/demo.py --help     # all sizes
@@ -54,10 +54,9 @@ STUDENTS["hybrid-even"] = STUDENTS["hybrid"] + ["--kd-gate", "fixed:0.5"]
 DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
-# Default sizes: (full, quick); 0 pairs = the whole split. Full mode, 2 CPU cores, 683 updates per epoch:
-# teacher ~2.8 min/epoch (21.8 BLEU after 3 epochs); per update relative to a teacher update (measured CPU time):
-# plain student 0.46, sentence 0.59, token 1.06, hybrid 1.52 (the last two run the teacher online), so one
-# epoch of all four students ~10 min; beam-5 distillation of the training set ~7 min (2 shards). ~30 min in all.
+# Default sizes: (full, quick); 0 pairs = the whole split. Full mode on an idle 2-core machine (docs/DEMO.md):
+# teacher 683 updates/epoch, 10.4 min for 3 epochs (24.2 BLEU); beam-5 distillation of train + valid 10.1 min
+# (2 shards); students 1.7-4.1 min each (hybrid slowest: online teacher + two decoder passes). ~34 min in all.
 DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),
@@ -380,8 +379,8 @@ def report(p, results):
         % ("`%s`" % a.data if a.data else "Debian libreoffice-help-de + libreoffice-help-en-us (MPL-2.0)",
            sizes["train"], sizes["valid"], sizes["test"], a.bpe_size),
         "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(a, "teacher"), a.teacher_epochs, teacher_train),
-        "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that load "
-        "teacher-decoded targets batch by the longer of the two targets, so they take more, smaller updates)"
+        "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that train on "
+        "teacher-decoded targets batch by those targets' lengths, so their update counts differ)"
         % (arch(a, "student"), a.student_epochs),
         "- Shared: adam lr %s, inverse_sqrt warmup %s, max-tokens %s, dropout %s, seed %s%s"
         % (a.lr, a.warmup, a.max_tokens, a.dropout, a.seed, ", max-update %s" % a.max_update if a.max_update else ""),
