@@ -459,8 +459,9 @@ def ratios(results, name, key):
     return [r[key] / p[key] for r, p in zip(results[name], results["plain"])]
 
 
-def report(a, results, probes, stats, fl, seconds):
+def report(a, paths, results, probes, stats, fl, seconds):
     names = list(results)
+    shown = {k: os.path.relpath(v, REPO) for k, v in dict(paths, user_dir=USER_DIR).items()}
     rows = ["| configuration | words/s | words/s ratio | words/CPU-s ratio | speed target: words/s (CPU) | "
             "sentences/s ratio | peak RSS MiB | RSS ratio | memory <= %.1f |" % RSS_TARGET,
             "|---|---:|---:|---:|---|---:|---:|---:|---|"]
@@ -521,8 +522,7 @@ def report(a, results, probes, stats, fl, seconds):
         "time (proportional to epochs per second); peak RSS: ru_maxrss of the child (os.wait4)"
         % (a.rounds, len(names), a.max_tokens, a.warmup, a.updates, a.log_interval, a.topk),
         "- Configurations (fairseq-train DATA, the student's architecture and the flags above, plus): %s"
-        % "; ".join("%s: `%s`" % (n, " ".join(config_args(a, n, {k: os.path.relpath(v, REPO) for k, v in
-                                                                   a.paths.items()}))) for n in names),
+        % "; ".join("%s: `%s`" % (n, " ".join(config_args(a, n, shown))) for n in names),
         END,
     ]
     return "\n".join(lines)
@@ -592,7 +592,6 @@ def main(argv=None):
         paths = prepare(a, p)
     except demo.StepFailed as e:
         sys.exit("bench_kd: %s" % e)
-    a.paths = dict(paths, user_dir=USER_DIR)
     stats = corpus_stats(paths["data"], paths["cache"])
     fl = floors(a, stats)
     results = {name: [] for name in a.configs}
@@ -614,7 +613,7 @@ def main(argv=None):
         json.dump({"results": results, "stats": stats, "floors": fl}, f, indent=1)
     p.progress("probe", "loss-level memory probes ...")
     probes = run_probes(a, env)
-    section = report(a, results, probes, stats, fl, time.time() - t0)
+    section = report(a, paths, results, probes, stats, fl, time.time() - t0)
     write_report(a.output, section)
     print("\n" + section)
     p.progress("bench", "written to %s" % a.output)

@@ -14,15 +14,8 @@ import sys
 
 import numpy as np
 
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def spearman(x, y):
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+from demo import read_lines as read
+from kd_plugin.cli.gate_dump import spearman
 
 
 def main(argv=None):

@@ -53,7 +53,11 @@ class SentenceKDCriterion(KDCriterionBase):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         check_range("--kd-gold-mix", kd_gold_mix, 0, 1)
         self.gold_mix = kd_gold_mix
-        self.gold_targets = kd_gold_mix > 0
+
+    @property
+    def gold_targets(self):
+        """Gold targets are trained on only with --kd-gold-mix > 0 (batching counts them then)."""
+        return self.gold_mix > 0
 
     def sentence_sample(self, sample):
         self.require(sample, TEACHER_TARGET)

@@ -3,6 +3,8 @@
 Each extra source (teacher-decoded targets, the offline top-K cache) is indexed like the wrapped
 dataset; items are fetched per sample and collated in the batch's own order (``sample["id"]``).
 """
+import functools
+
 import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
@@ -45,10 +47,8 @@ class KDLanguagePairDataset(BaseWrapperDataset):
         criterion never runs the student on the gold target (sentence_kd without gold mix)."""
         decoded = [e.sizes for e in self.extras if getattr(e, "sizes", None) is not None]
         gold = self.dataset.tgt_sizes if self.dataset.tgt_sizes is not None else self.dataset.src_sizes
-        sizes = gold if gold_targets or not decoded else decoded[0]
-        for extra in decoded:
-            sizes = np.maximum(sizes, extra)
-        self.target_sizes = sizes
+        lengths = decoded if decoded and not gold_targets else [gold] + decoded
+        self.target_sizes = functools.reduce(np.maximum, lengths)
 
     def __getitem__(self, index):
         item = self.dataset[index]
