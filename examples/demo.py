@@ -3,7 +3,7 @@
 same budget (plain label smoothing, token-level KD, sentence-level KD, gated hybrid KD), all scored with stock
 ``fairseq-generate`` and sacreBLEU.
 
-    make demo                          # .venv/bin/python examples/demo.py  (~34 min on 2 CPU cores)
+    make demo                          # .venv/bin/python examples/demo.py  (~25 min on 2 CPU cores)
     make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
     python examples/demo.py --data my.tsv --students plain,token
     python examples/demo.py --help     # all sizes
@@ -14,6 +14,8 @@ teacher (fairseq-train) -> kd-distill-corpus (train, valid) -> students -> fairs
 a markdown table printed and written to WORK/results.md (full mode also: docs/DEMO.md).
 """
 import argparse
+import concurrent.futures
+import copy
 import datetime
 import json
 import os
@@ -23,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,13 +58,14 @@ DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
 # Default sizes: (full, quick); 0 pairs = the whole split. Full mode on an idle 2-core machine (docs/DEMO.md):
-# teacher 683 updates/epoch, 10.4 min for 3 epochs (24.2 BLEU); beam-5 distillation of train + valid 10.1 min
-# (2 shards); students 1.7-4.1 min each (hybrid slowest: online teacher + two decoder passes). ~34 min in all.
+# teacher 683 updates/epoch, 9.4-10.4 min for 3 epochs (24.2 BLEU); beam-2 distillation of train + valid 4.1 min
+# (2 shards; beam 5: 10.1 min for +0.7 teacher BLEU); students two at a time, 9.3 min for all four with their
+# test decoding (hybrid slowest: online teacher + two decoder passes). ~25 min in all.
 DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),
     "student_layers": (1, 1), "student_dim": (64, 32), "student_ffn": (256, 64), "student_heads": (2, 2),
-    "teacher_epochs": (3, 1), "student_epochs": (1, 1), "warmup": (400, 50), "distill_beam": (5, 5),
+    "teacher_epochs": (3, 1), "student_epochs": (1, 1), "warmup": (400, 50), "distill_beam": (2, 2),
     "train_pairs": (0, 3000), "valid_pairs": (0, 200), "test_pairs": (0, 200),
 }
 
@@ -71,13 +75,15 @@ class StepFailed(RuntimeError):
 
 
 class Pipeline:
-    """Runs the cached steps; ``self.seconds[step]`` is the wall time of each step (cached runs included)."""
+    """Runs the cached steps; ``self.seconds[step]`` is the wall time of each step (cached runs included),
+    ``self.reused`` the steps skipped because an earlier run made them."""
 
     def __init__(self, args):
         self.args = args
         self.work = os.path.abspath(args.work)
         self.t0 = time.time()
-        self.seconds = {}
+        self.seconds, self.reused = {}, []
+        self.lock = threading.Lock()
         # unbuffered: stdout lines (fairseq-generate's H-i) never get split by stderr lines
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.threads:
@@ -85,11 +91,18 @@ class Pipeline:
         for sub in ("logs", "done"):
             os.makedirs(self.path(sub), exist_ok=True)
 
+    def with_threads(self, threads):
+        """The same pipeline (shared step times) whose commands run with ``threads`` OpenMP threads."""
+        view = copy.copy(self)
+        view.env = dict(self.env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        return view
+
     def path(self, *parts):
         return os.path.join(self.work, *parts)
 
     def progress(self, step, message):
-        print("[%7.1fs] %-18s %s" % (time.time() - self.t0, step, message), flush=True)
+        with self.lock:  # students report from parallel threads
+            print("[%7.1fs] %-18s %s" % (time.time() - self.t0, step, message), flush=True)
 
     def cached(self, step):
         """The done-marker of ``step`` ({"seconds": ..., "cmd": ...}) or None."""
@@ -104,6 +117,7 @@ class Pipeline:
         done = self.cached(step)
         if done is not None:
             self.seconds[step] = done["seconds"]
+            self.reused.append(step)
             note = "" if cmd is None or done.get("cmd") == cmd else " (made with other arguments; delete %s)" \
                 % self.path("done", step + ".json")
             self.progress(step, "cached (%.0fs)%s" % (done["seconds"], note))
@@ -175,9 +189,13 @@ def train_bpe(p):
     os.makedirs(p.path("bpe"), exist_ok=True)
     prefix = p.path("bpe", "spm")
     with open(p.path("logs", "bpe.log"), "w") as log:
-        spm.SentencePieceTrainer.train(
-            input=[p.path("corpus", "train.%s" % lang) for lang in (SRC, TGT)], model_prefix=prefix,
-            vocab_size=p.args.bpe_size, model_type="bpe", character_coverage=1.0, num_threads=2, logstream=log)
+        try:
+            spm.SentencePieceTrainer.train(
+                input=[p.path("corpus", "train.%s" % lang) for lang in (SRC, TGT)], model_prefix=prefix,
+                vocab_size=p.args.bpe_size, model_type="bpe", character_coverage=1.0, num_threads=2,
+                logstream=log)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high (N). Please set it to a value <= M."
+            raise StepFailed("step bpe failed (--bpe-size %d): %s" % (p.args.bpe_size, str(e).split("] ")[-1]))
     sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
     for split in SPLITS:
         for lang in (SRC, TGT):
@@ -240,6 +258,33 @@ def train_cmd(p, name, role, criterion_args):
     if a.max_update:
         cmd += ["--max-update", a.max_update]
     return cmd
+
+
+def train_students(p):
+    """Train and score every student, ``--jobs`` at a time with ``--threads`` (default: cores / jobs) threads
+    each: small models use a second core better as a second process than as a second intra-op thread.
+    Students that run the teacher online start first (they take longest). Returns {name: scores}."""
+    a = p.args
+    view = p.with_threads(student_threads(a))
+    order = sorted(a.students, key=lambda s: "{teacher}" not in STUDENTS[s])  # stable: online teacher first
+
+    def student(name):
+        train(view, name, "student", student_args(view, name))
+        result = evaluate(view, name)
+        p.progress(name, "BLEU %.1f chrF %.1f" % (result["bleu"], result["chrf"]))
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        futures = {name: pool.submit(student, name) for name in order}
+        try:
+            return {name: futures[name].result() for name in a.students}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # students not started yet never start; running ones finish
+            raise
+
+
+def student_threads(a):
+    return a.threads or max(1, len(os.sched_getaffinity(0)) // a.jobs)
 
 
 def checkpoint(p, name):
@@ -374,7 +419,9 @@ def report(p, results):
         "",
         "- Command: `%s`" % command_line(a),
         "- Date: %s" % datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "- Machine: %s; threads per process: %d" % (machine(), a.threads or _torch_threads()),
+        "- Machine: %s; threads per process: teacher and its test decoding %d, distillation shards 1, students "
+        "(training and test decoding) %d, %d students at a time"
+        % (machine(), a.threads or _torch_threads(), student_threads(a), a.jobs),
         "- Data: %s; train %d / valid %d / test %d pairs; joint sentencepiece BPE %d"
         % ("`%s`" % a.data if a.data else "Debian libreoffice-help-de + libreoffice-help-en-us (MPL-2.0)",
            sizes["train"], sizes["valid"], sizes["test"], a.bpe_size),
@@ -390,9 +437,10 @@ def report(p, results):
     if distill:
         lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam %d): %.0f s, "
                      "not included in the sentence/hybrid train times" % (a.distill_beam, distill))
+    wall = time.time() - p.t0
+    reused = "; steps reused from earlier runs (not in this time): %s" % ", ".join(p.reused) if p.reused else ""
     lines += [
-        "- Total wall time of the steps: %.0f s (%.1f min; cached steps count the time of the run that made them)"
-        % (sum(p.seconds.values()), sum(p.seconds.values()) / 60),
+        "- Wall time of this run: %.0f s (%.1f min)%s" % (wall, wall / 60, reused),
         "- Decoding: stock `%s` (no --user-dir)" % " ".join(map(repo_relative, generate_cmd(p, "SYSTEM"))),
         "- sacreBLEU: BLEU `%s`, chrF `%s`" % (first["bleu_signature"], first["chrf_signature"]),
         "",
@@ -440,7 +488,10 @@ def parse_args(argv=None):
     parser.add_argument("--distill-shards", type=int, default=min(len(os.sched_getaffinity(0)), 8),
                         help="parallel single-threaded kd-distill-corpus processes")
     parser.add_argument("--threads", type=int, default=0,
-                        help="OMP_NUM_THREADS of training/decoding (0: torch's default; 1 on a busy machine)")
+                        help="OMP_NUM_THREADS of training/decoding (0: torch's default for the teacher and "
+                             "decoding, cores / --jobs for each student; 1 on a busy machine)")
+    parser.add_argument("--jobs", type=int, default=min(len(os.sched_getaffinity(0)), 4),
+                        help="students trained (and scored) at the same time")
     parser.add_argument("--max-update", type=int, default=0, help="stop every training here too (0: epochs only)")
     for key, values in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=values[column])
@@ -451,6 +502,8 @@ def parse_args(argv=None):
     unknown = [s for s in a.students if s not in STUDENTS]
     if unknown:
         parser.error("--students: unknown %s (choose from %s)" % (unknown, ", ".join(STUDENTS)))
+    if a.jobs < 1:
+        parser.error("--jobs must be >= 1 (got %d)" % a.jobs)
     return a
 
 
@@ -468,10 +521,7 @@ def main(argv=None):
         if any("{distill}" in arg for s in a.students for arg in STUDENTS[s]):
             for split in ("train", "valid"):
                 distill(p, split)
-        for name in a.students:
-            train(p, name, "student", student_args(p, name))
-            results[name] = evaluate(p, name)
-            p.progress(name, "BLEU %.1f chrF %.1f" % (results[name]["bleu"], results[name]["chrf"]))
+        results.update(train_students(p))
     except (StepFailed, build_corpus.CorpusError) as e:
         sys.exit("demo: %s" % e)
     text = report(p, results)
