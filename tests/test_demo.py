@@ -18,11 +18,9 @@ UPDATES = 12
 def write_tsv(path, n=2000, seed=0):
     """Toy de<TAB>en pairs: the English side maps wort<i> -> word<i>, word order kept; all pairs distinct."""
     rng = random.Random(seed)
-    seen = []
+    seen = {}  # insertion-ordered set
     while len(seen) < n:
-        words = tuple(rng.randrange(60) for _ in range(rng.randint(3, 9)))
-        if words not in seen:
-            seen.append(words)
+        seen[tuple(rng.randrange(60) for _ in range(rng.randint(3, 9)))] = None
     with open(path, "w") as f:
         for words in seen:
             f.write("%s\t%s\n" % (" ".join("wort%d" % w for w in words), " ".join("word%d" % w for w in words)))
