@@ -3,8 +3,10 @@ r"""Criterion ``token_kd``: the student matches the teacher's per-token distribu
     loss = sum_t (1 - alpha) * LS-NLL(y_t) + alpha * T^2 * D(p_T(. | y_<t, x) || q_T(. | y_<t, x)) * s_t
 
 summed over non-pad gold target tokens (so ``sample_size`` keeps fairseq's meaning), with D from
-kd_plugin.divergences, p_T / q_T the teacher / student distributions at temperature T (over the teacher's
-top-K when --kd-topk K > 0) and s_t the selective-KD mask (1 for --kd-select all).
+kd_plugin.divergences, p_T / q_T the teacher / student distributions at temperature T and s_t the
+selective-KD mask (1 for --kd-select all). With --kd-topk K > 0 (and with every --teacher-cache) p and q are
+K+1 bins: the teacher's K ids (the student's full softmax there) and the mass outside them, tempered as
+bins (kd_plugin.signals).
 alpha = 0 reproduces label_smoothed_cross_entropy exactly.
 """
 from dataclasses import dataclass, field
@@ -32,7 +34,10 @@ class TokenKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
         default="forward_kl", metadata={"help": "divergence D(teacher || student)"})
     kd_js_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JS divergence, in [0, 1]"})
     kd_skew_lambda: float = field(default=0.1, metadata={"help": "lambda of the skew KL divergences, in [0, 1]"})
-    kd_topk: int = field(default=0, metadata={"help": "KD over the teacher's top-K tokens (renormalized); 0 = all"})
+    kd_topk: int = field(default=0, metadata={"help": (
+        "KD over K+1 bins: the teacher's top-K tokens and the mass outside them, for teacher and student "
+        "(student: its full softmax at the K ids); temperature tempers the bins (exact at T=1 and for K=V, "
+        "an approximation of tempering the full distribution otherwise); 0 = full vocabulary")})
     kd_select: ChoiceEnum(["all", "batch", "global"]) = field(
         default="all", metadata={"help": "selective KD: tokens with the highest student CE get KD"})
     kd_select_rate: float = field(default=0.5, metadata={"help": "fraction r of tokens selected, in (0, 1]"})
@@ -69,7 +74,8 @@ class TokenKDCriterion(KDCriterionBase):
         return self.ce_queue.select(ce, self.select_rate, update=self.training)
 
     def kd_per_token(self, logits, lprobs, target, teacher):
-        """B x T tensor of T^2 * D(p_T || q_T) * s_t, zero at padding."""
+        """B x T tensor of T^2 * D(p_T || q_T) * s_t, zero at padding. Reads the student's log-probs
+        ``lprobs`` only (top-K bins need its full softmax); ``logits`` is kept for the callers' signature."""
         mask = target.ne(self.padding_idx)
         if self.ignore_prefix_size > 0:
             mask[:, : self.ignore_prefix_size] = False
@@ -77,7 +83,7 @@ class TokenKDCriterion(KDCriterionBase):
             d = full_vocab_divergence(self.divergence, lprobs, teacher["lprobs"], mask, self.temperature,
                                       **self.div_kwargs)
         else:
-            lp, lq = aligned_log_probs(teacher, logits, mask, self.temperature, self.teacher_topk)
+            lp, lq = aligned_log_probs(teacher, lprobs, mask, self.temperature, self.teacher_topk)
             d = self.divergence(lp, lq, **self.div_kwargs)
         d = self.temperature ** 2 * d
         if self.select_mode != "all":

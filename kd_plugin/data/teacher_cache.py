@@ -15,12 +15,10 @@ Raw little-endian arrays read with np.memmap; rows are in sentence-id order, so 
 O(1) and a merged sharded dump is the concatenation of its shards. Size: 4K + 2 bytes per token plus
 8 per sentence, i.e. 34 bytes/token for K = 8.
 
-Temperature: the criterion re-softmaxes the stored top-K at --kd-temperature (kd_plugin.signals):
-    p^T_k = softmax_k(log p_k / T)
-For a single teacher this is exactly the tempered teacher restricted to its top-K and renormalized;
-it approximates full-vocabulary tempering (the mass outside the top-K is dropped, and for an ensemble
-the top-K of the averaged T=1 distribution stands in for the tempered average). The stored rest mass is
-kept for diagnostics and future use; no criterion reads it.
+The criterion compares teacher and student over K+1 bins, the K ids and the stored rest mass, and tempers
+those bins at --kd-temperature (kd_plugin.signals): exact at T=1, an approximation of tempering the full
+distribution otherwise (and for an ensemble the top-K of the averaged T=1 distribution stands in for the
+tempered average).
 """
 import json
 import logging
@@ -59,14 +57,11 @@ def suffixes(dtype):
 def topk_and_rest(lprobs, k):
     r"""What the cache stores for full teacher log-probs (..., V): top-K (sorted) and the rest mass
 
-        rest = log(1 - sum_k p_k) = logsumexp_{v not in top-K} log p_v
-    summed over the complement (no cancellation in 1 - sum), clamped to the fp16 range (K = V: -65504).
-    Returns (topk_lprobs, topk_ids, rest) shaped (..., K), (..., K), (...).
+        rest = log(1 - sum_k p_k) = logsumexp_{v not in top-K} log p_v      (kd_plugin.signals.topk_signal)
+    clamped to the fp16 range (K = V: -65504). Returns (topk_lprobs, topk_ids, rest) shaped (..., K), (..., K), (...).
     """
     signal = topk_signal(lprobs, k)
-    outside = lprobs.scatter(-1, signal["topk_ids"], float("-inf"))
-    rest = torch.logsumexp(outside, dim=-1).clamp(min=FP16_MIN)
-    return signal["topk_lprobs"], signal["topk_ids"], rest
+    return signal["topk_lprobs"], signal["topk_ids"], signal["topk_rest"].clamp(min=FP16_MIN)
 
 
 def to_fp16(x):
@@ -140,32 +135,44 @@ class TeacherCache:
                 "offsets": np.memmap(self.files["offsets"], dtype=OFFSETS_DTYPE, mode="r"),
                 "lprobs": np.memmap(self.files["lprobs"], dtype=LPROBS_DTYPE, mode="r").reshape(-1, self.k),
                 "ids": np.memmap(self.files["ids"], dtype=self.dtype, mode="r").reshape(-1, self.k),
+                "rest": np.memmap(self.files["rest"], dtype=LPROBS_DTYPE, mode="r"),
             }
             self._pid = os.getpid()
         return self._maps
 
+    def _rows(self, part, index):
+        """Rows of sample ``index`` (its gold target length L) in ``part``, copied out of the memory map."""
+        m = self._open()
+        return np.array(m[part][m["offsets"][index]:m["offsets"][index + 1]])
+
     def __getitem__(self, index):
         """(log-probs L x K float16, ids L x K) of sample ``index``, L its gold target length."""
-        m = self._open()
-        start, end = m["offsets"][index], m["offsets"][index + 1]
-        return np.array(m["lprobs"][start:end]), np.array(m["ids"][start:end])
+        return self._rows("lprobs", index), self._rows("ids", index)
 
     def collate(self, items, sample):
-        """sample["teacher"] = {"topk_lprobs": B x T x K float, "topk_ids": B x T x K long}, padded like
-        sample["target"] (padding holds id 0 / log-prob 0; the criterion masks it)."""
+        """sample["teacher"] = {"topk_lprobs": B x T x K float16, "topk_ids": B x T x K long,
+        "topk_rest": B x T float16}, padded like sample["target"] (padding holds id 0 / log-prob 0; the
+        criterion masks it). The rest rows are read here by sample id (items hold log-probs and ids).
+
+        The log-probs stay in their stored float16: fairseq's Trainer casts float32 sample tensors to the
+        training dtype (--fp16 / --bf16), so float32 here would be rounded to bf16 under --bf16; float16
+        passes unchanged and kd_plugin.signals upcasts it to float32 before any arithmetic."""
         target = sample["target"]
         bsz, tgt_len = target.shape
-        lprobs = np.zeros((bsz, tgt_len, self.k), dtype=np.float32)
+        lprobs = np.zeros((bsz, tgt_len, self.k), dtype=LPROBS_DTYPE)
         ids = np.zeros((bsz, tgt_len, self.k), dtype=np.int64)
-        for b, ((lp, ix), n) in enumerate(zip(items, target.ne(self.pad).sum(1).tolist())):
+        rest = np.zeros((bsz, tgt_len), dtype=LPROBS_DTYPE)
+        lengths = target.ne(self.pad).sum(1).tolist()
+        for b, ((lp, ix), i, n) in enumerate(zip(items, sample["id"].tolist(), lengths)):
             if len(lp) != n:
                 raise KDConfigError("%s: %s holds %d tokens for sample %d, its target has %d"
-                                    % (FLAG, self.files["offsets"], len(lp), int(sample["id"][b]), n))
+                                    % (FLAG, self.files["offsets"], len(lp), i, n))
             pos = slice(tgt_len - n, tgt_len) if self.left_pad else slice(0, n)
-            lprobs[b, pos], ids[b, pos] = lp, ix
-        lprobs = torch.from_numpy(lprobs)
+            lprobs[b, pos], ids[b, pos], rest[b, pos] = lp, ix, self._rows("rest", i)
+        lprobs, rest = torch.from_numpy(lprobs), torch.from_numpy(rest)
         check_finite(lprobs, "%s: %s holds NaN/inf log-probs" % (FLAG, self.files["lprobs"]))
-        sample[TEACHER] = {"topk_lprobs": lprobs, "topk_ids": torch.from_numpy(ids)}
+        check_finite(rest, "%s: %s holds NaN/inf log-probs" % (FLAG, self.files["rest"]))
+        sample[TEACHER] = {"topk_lprobs": lprobs, "topk_ids": torch.from_numpy(ids), "topk_rest": rest}
 
 
 def load_teacher_cache(directory, split, dataset, dictionary):
