@@ -48,6 +48,58 @@ def patch_encoder_fast_path():
         setattr(layer, _APPLIED, True)
 
 
+_BT_COPIES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+               "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+def patch_encoder_bt_copies():
+    """Keep the encoder layers' BetterTransformer weight copies out of the trainable parameters.
+
+    fairseq 0.12.2's encoder layers hold copies of their attention and FFN weights (``in_proj_weight``,
+    ``out_proj_*``, ``fc1_*``, ``fc2_*``) as ``nn.Parameter`` s for the fast path (disabled above); they are
+    rebuilt from q/k/v/fc at load and never get a gradient. Under ``--ddp-backend pytorch_ddp`` (fairseq's
+    default) DDP then waits for their gradients and stops at the second update ("Expected to have finished
+    reduction in the prior iteration") unless ``--find-unused-parameters``. With ``requires_grad=False``
+    fairseq's optimizer and DDP skip them; they stay in the state dict, so checkpoints keep their keys and
+    load in stock fairseq.
+    """
+    from fairseq.modules.transformer_layer import TransformerEncoderLayerBase as layer
+
+    if getattr(layer.__init__, _APPLIED, False):
+        return
+    init = layer.__init__
+
+    @functools.wraps(init)
+    def init_frozen_copies(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for name in _BT_COPIES:
+            p = getattr(self, name, None)
+            if isinstance(p, torch.nn.Parameter):
+                p.requires_grad_(False)
+
+    setattr(init_frozen_copies, _APPLIED, True)
+    layer.__init__ = init_frozen_copies
+
+
+def patch_cpu_ddp():
+    """Let fairseq's ``pytorch_ddp`` wrap a CPU model: it passes ``device_ids=[device_id]``, which PyTorch's
+    DistributedDataParallel refuses for CPU modules (they need ``device_ids=None``)."""
+    from fairseq.models import distributed_fairseq_model as dfm
+
+    ddp = dfm.DistributedDataParallel
+    if getattr(ddp, _APPLIED, False):
+        return
+
+    @functools.wraps(ddp)
+    def ddp_on_any_device(module, *args, **kwargs):
+        if next(module.parameters()).device.type == "cpu":
+            kwargs["device_ids"] = kwargs["output_device"] = None
+        return ddp(module, *args, **kwargs)
+
+    setattr(ddp_on_any_device, _APPLIED, True)
+    dfm.DistributedDataParallel = ddp_on_any_device
+
+
 def _stop_background_consumers(timeout=10.0):
     """Let fairseq's batch-prefetch threads finish before the interpreter tears down.
 
@@ -87,5 +139,7 @@ def apply():
 
     patch_checkpoint_load()
     patch_encoder_fast_path()
+    patch_encoder_bt_copies()
+    patch_cpu_ddp()
     patch_clean_shutdown()
     patch_trainer()  # not a compatibility fix: keeps parameter-less criterion state across resumes

@@ -28,6 +28,7 @@ The gate is never used at inference: it lives in the criterion (saved in the che
 entry, optimized with the model) and the student decodes with stock fairseq-generate.
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -92,8 +93,24 @@ def build_gate(spec, dim, hidden=64):
     raise ValueError("--kd-gate must be sentence, scalar or fixed:<value in [0, 1]>; got %r" % spec)
 
 
+def _moments(d_tok, d_sent, reduce):
+    """float64 [n, sum a, sum b, sum a^2, sum b^2, sum ab] of a = d_sent, b = d_tok; summed over every
+    data-parallel worker when ``reduce`` and torch.distributed runs with more than one process."""
+    a, b = d_sent.double(), d_tok.double()
+    m = torch.stack([a.new_tensor(float(a.numel())), a.sum(), b.sum(), (a * a).sum(), (b * b).sum(), (a * b).sum()])
+    if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(m)
+    return m
+
+
 class BenefitTarget(nn.Module):
-    """t(x) = sigmoid(standardize(d_sent(x)/E[d_sent] - d_tok(x)/E[d_tok]) / tau), running means as buffers."""
+    """t(x) = sigmoid(standardize(d_sent(x)/E[d_sent] - d_tok(x)/E[d_tok]) / tau), running means as buffers.
+
+    Under data-parallel training (``update=True`` with torch.distributed initialized) the running means and
+    the standardization use the statistics of ALL workers' batches (one all-reduce of six numbers), so N
+    workers with batches of B sentences compute the targets one worker would compute on their union. The
+    running means stay float32 whatever the criterion's dtype (see :meth:`_apply`).
+    """
 
     def __init__(self, tau=1.0, momentum=0.99):
         super().__init__()
@@ -101,16 +118,31 @@ class BenefitTarget(nn.Module):
         self.register_buffer("mean_tok", torch.zeros(()))
         self.register_buffer("mean_sent", torch.zeros(()))
 
+    def _apply(self, fn, *args, **kwargs):
+        """Device moves apply, dtype casts do not: under --fp16/--bf16 fairseq halves the criterion, and a
+        half-precision running mean would round a 1% momentum step away (bf16 spacing near 3 is 0.016)."""
+        kept = dict(self._buffers)
+        super()._apply(fn, *args, **kwargs)
+        for name, old in kept.items():
+            self._buffers[name] = old.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
     @torch.no_grad()
     def forward(self, d_tok, d_sent, update=True):
+        n, s_sent, s_tok, ss_sent, ss_tok, s_cross = _moments(d_tok, d_sent, update)
         if update:
-            for buf, x in ((self.mean_tok, d_tok), (self.mean_sent, d_sent)):
-                m = x.mean().to(buf)
+            for buf, total in ((self.mean_tok, s_tok), (self.mean_sent, s_sent)):
+                m = (total / n).to(buf)
                 buf.copy_(m if buf.item() == 0 else self.momentum * buf + (1 - self.momentum) * m)
-        diff = d_sent / self.mean_sent.clamp(min=1e-6) - d_tok / self.mean_tok.clamp(min=1e-6)
-        if diff.numel() < 2:
-            return torch.full_like(diff, 0.5)
-        return torch.sigmoid((diff - diff.mean()) / (diff.std() + 1e-6) / self.tau)
+        inv_s = 1.0 / self.mean_sent.double().clamp(min=1e-6)
+        inv_t = 1.0 / self.mean_tok.double().clamp(min=1e-6)
+        diff = d_sent.double() * inv_s - d_tok.double() * inv_t
+        if n < 2:
+            return torch.full_like(d_tok, 0.5, dtype=torch.float32)
+        mean = (s_sent * inv_s - s_tok * inv_t) / n
+        sq = ss_sent * inv_s ** 2 - 2 * s_cross * inv_s * inv_t + ss_tok * inv_t ** 2
+        std = ((sq - n * mean * mean).clamp(min=0) / (n - 1)).sqrt()
+        return torch.sigmoid((diff - mean) / (std + 1e-6) / self.tau).float()
 
 
 def gate_loss(logits, target):

@@ -13,6 +13,9 @@ land, and finally imports fairseq's config and checks the three fixes in a fresh
    (fairseq checkpoints are trusted files written by fairseq itself).
 3. The encoder-layer "fast path" (``torch._transformer_encoder_layer_fwd`` on nested tensors) raises
    ``Mask Type should be defined`` on padded batches of an eval-mode model. We disable the fast path.
+4. The encoder layers keep copies of their weights for that fast path as ``nn.Parameter`` s that never
+   get a gradient, so ``--ddp-backend pytorch_ddp`` (the default) stops at the second update unless
+   ``--find-unused-parameters``. We set ``requires_grad=False`` on them (they stay in the state dict).
 """
 import importlib.util
 import os
@@ -44,13 +47,25 @@ def _no_fast_path(text):
     return text.replace("self.can_use_fastpath = (", "self.can_use_fastpath = False and (  %s" % MARK, 1)
 
 
+BT_COPIES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+             "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+FROZEN = "        for _p in (%s):  %s bt\n            _p.requires_grad_(False)\n" % (
+    ", ".join("self." + n for n in BT_COPIES), MARK)
+
+
+def _frozen_bt_copies(text):
+    anchor = "        self.fc2_bias = torch.nn.Parameter(torch.zeros(self.fc2.bias.shape))\n"
+    return text.replace(anchor, anchor + FROZEN, 1)
+
+
 EDITS = [
     ("dataclass/configs.py", _dataclass_defaults, lambda t: not re.search(r"= \w+Config\(\)\s*$", t, re.M)),
     ("models/transformer/transformer_config.py", _dataclass_defaults,
      lambda t: not re.search(r"= \w+Config\(\)|default=\w+Config\(\)", t)),
     ("checkpoint_utils.py", _weights_only,
      lambda t: t.count("weights_only=False") >= 2),
-    ("modules/transformer_layer.py", _no_fast_path, lambda t: MARK in t),
+    ("modules/transformer_layer.py", _no_fast_path, lambda t: "False and (  " + MARK in t),
+    ("modules/transformer_layer.py", _frozen_bt_copies, lambda t: MARK + " bt" in t),
 ]
 
 CHECK = r"""
@@ -60,6 +75,7 @@ from fairseq.models.transformer import TransformerConfig
 cfg = TransformerConfig()
 layer = TransformerEncoderLayerBase(cfg)
 assert not layer.can_use_fastpath, "encoder fast path still enabled"
+assert not any(p.requires_grad for n, p in layer.named_parameters(recurse=False)), "BT copies still trainable"
 import argparse, tempfile, os
 p = os.path.join(tempfile.mkdtemp(), "c.pt")
 hist = [{"criterion_name": "c", "optimizer_name": "o", "lr_scheduler_state": {"best": 0}, "num_updates": 0}]

@@ -4,8 +4,12 @@ r"""Criterion ``hybrid_kd``: token- and sentence-level KD mixed per source sente
 
 L_token(x) is token_kd's loss on x (same flags: --kd-alpha, --kd-temperature, --kd-divergence, --kd-topk,
 selective KD), L_sentence(x) sentence_kd's (LS-NLL on the teacher-decoded target), w = --kd-gold-weight.
-The encoder runs once; the decoder twice (gold prefix, teacher prefix). See kd_plugin.gate for why g(x) is
-detached in the mix and trained on a benefit signal instead (the anti-collapse design).
+The student runs ONCE, through the (possibly DDP-wrapped) model's own forward, on a 2B batch: the sources
+twice, the gold prefixes in the first half and the teacher's in the second (right-padded to one width).
+Calling ``model.encoder`` / ``model.decoder`` instead would bypass DistributedDataParallel.forward, and the
+gradients would never be all-reduced. The gate reads the encoder states through a forward hook. Cost: the
+encoder runs on 2B sentences instead of B. See kd_plugin.gate for why g(x) is detached in the mix and
+trained on a benefit signal instead (the anti-collapse design).
 ``sample_size`` is the gate-weighted token count sum_x g n_gold(x) + (1 - g) n_teacher(x), so fixed:1
 equals token_kd and fixed:0 equals sentence_kd.
 """
@@ -18,7 +22,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 from kd_plugin.checks import KDConfigError
 from kd_plugin.criterions.base import check_range
-from kd_plugin.criterions.sentence_kd import teacher_target_sample
+from kd_plugin.criterions.sentence_kd import pad_right, teacher_target_sample
 from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
 from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss
 from kd_plugin.signals import TEACHER_TARGET
@@ -50,6 +54,8 @@ class HybridKDCriterion(TokenKDCriterion):
                          kd_select_rate, kd_select_queue)
         if ignore_prefix_size:
             raise KDConfigError("hybrid_kd does not support --ignore-prefix-size")
+        if getattr(getattr(task, "cfg", None), "left_pad_target", False):
+            raise KDConfigError("hybrid_kd needs right-padded targets: drop --left-pad-target")
         check_range("--kd-gold-weight", kd_gold_weight, 0, float("inf"))
         check_range("--kd-gate-tau", kd_gate_tau, 0, float("inf"), lo_open=True)
         check_range("--kd-gate-momentum", kd_gate_momentum, 0, 1)
@@ -72,19 +78,35 @@ class HybridKDCriterion(TokenKDCriterion):
             return torch.full((bsz,), 0.5, device=device)
         return torch.sigmoid(logits.detach().float())
 
+    def student_pass(self, model, sample, sent):
+        """One forward of ``model`` on the gold and the teacher prefixes stacked into a 2B batch.
+
+        Returns the net outputs of the gold half and of the teacher half (logits cut back to each target's
+        width), and the encoder states and padding mask of the gold half (read by a hook on the encoder)."""
+        net_input, bsz = sample["net_input"], sample["target"].size(0)
+        gold_prev, sent_prev = net_input["prev_output_tokens"], sent["net_input"]["prev_output_tokens"]
+        width = max(gold_prev.size(1), sent_prev.size(1))
+        captured = []
+        hook = model.encoder.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            logits, extra = model(
+                src_tokens=torch.cat([net_input["src_tokens"]] * 2),
+                src_lengths=torch.cat([net_input["src_lengths"]] * 2),
+                prev_output_tokens=torch.cat([pad_right(gold_prev, width, self.padding_idx),
+                                              pad_right(sent_prev, width, self.padding_idx)]))
+        finally:
+            hook.remove()
+        enc = captured[-1]
+        mask = enc["encoder_padding_mask"][0][:bsz] if enc["encoder_padding_mask"] else None
+        return ((logits[:bsz, :gold_prev.size(1)], extra), (logits[bsz:, :sent_prev.size(1)], extra),
+                enc["encoder_out"][0][:, :bsz], mask)
+
     def forward(self, model, sample, reduce=True):
         self.require(sample, TEACHER_TARGET)
-        net_input = sample["net_input"]
-        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-
-        def decode(prev):
-            return model.decoder(prev, encoder_out=encoder_out, src_lengths=net_input["src_lengths"])
-
-        out_tok = decode(net_input["prev_output_tokens"])
+        sent = teacher_target_sample(sample, self.padding_idx)
+        out_tok, out_sent, enc_states, padding_mask = self.student_pass(model, sample, sent)
         gold_ls, tok_nll, tok_kd = self.token_terms(model, out_tok, sample, per_sentence=True)
         tok_loss = self.token_loss(gold_ls, tok_kd)
-        sent = teacher_target_sample(sample, self.padding_idx)
-        out_sent = decode(sent["net_input"]["prev_output_tokens"])
         bsz = sent["target"].size(0)
         sent_loss, sent_nll = label_smoothed_nll_loss(
             model.get_normalized_probs(out_sent, log_probs=True).view(-1, out_sent[0].size(-1)),
@@ -93,8 +115,7 @@ class HybridKDCriterion(TokenKDCriterion):
 
         n_gold = sample["target"].ne(self.padding_idx).sum(1).to(tok_kd)
         n_teacher = sent["target"].ne(self.padding_idx).sum(1).to(tok_kd)
-        padding_mask = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
-        logits = self.gate(encoder_out["encoder_out"][0], padding_mask)
+        logits = self.gate(enc_states, padding_mask)
         g = self.mix_weights(logits, bsz, tok_kd.device)
         loss = (g * tok_loss + (1 - g) * sent_loss).sum()
         if self.gold_weight > 0:

@@ -21,7 +21,8 @@ class SentenceKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
         "help": "probability p of training a sentence on its gold target instead of the teacher's, in [0, 1]"})
 
 
-def _pad_to(x, width, pad):
+def pad_right(x, width, pad):
+    """B x t tokens right-padded with ``pad`` to B x width."""
     return x if x.size(1) == width else torch.cat([x, x.new_full((x.size(0), width - x.size(1)), pad)], 1)
 
 
@@ -35,8 +36,8 @@ def teacher_target_sample(sample, pad, use_gold=None):
         gold, gold_prev = sample["target"], sample["net_input"]["prev_output_tokens"]
         width = max(gold.size(1), target.size(1))
         pick = use_gold.unsqueeze(1)
-        target = torch.where(pick, _pad_to(gold, width, pad), _pad_to(target, width, pad))
-        prev = torch.where(pick, _pad_to(gold_prev, width, pad), _pad_to(prev, width, pad))
+        target = torch.where(pick, pad_right(gold, width, pad), pad_right(target, width, pad))
+        prev = torch.where(pick, pad_right(gold_prev, width, pad), pad_right(prev, width, pad))
         keep = target.ne(pad).any(0)  # drop all-pad columns left by the mix
         target, prev = target[:, keep], prev[:, keep]
     out = dict(sample, target=target, net_input=dict(sample["net_input"], prev_output_tokens=prev))
