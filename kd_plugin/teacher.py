@@ -61,6 +61,7 @@ class Teacher:
     def __init__(self, members, paths):
         self.models = members
         self.paths = paths
+        self.fp32_reruns = 0  # half-precision batches recomputed in float32 (see _logits)
 
     @classmethod
     def load(cls, spec, task, flag="--teacher-path"):
@@ -74,14 +75,29 @@ class Teacher:
             if p.device != ref.device or p.dtype != ref.dtype:
                 self.models[i] = m.to(device=ref.device, dtype=ref.dtype)
 
+    def _logits(self, i, net_input):
+        """Member i's logits; a half-precision member whose logits are not finite (fp16 overflows above
+        65504) reruns the batch in float32, so --fp16 never turns a sound teacher into a crash. Non-finite
+        logits in float32 are a broken teacher: FloatingPointError naming the checkpoint."""
+        m = self.models[i]
+        x = m(**net_input)[0]
+        if x.dtype != torch.float32 and not torch.isfinite(x).all():
+            half = x.dtype
+            self.fp32_reruns += 1
+            logger.warning("teacher %s: non-finite %s logits, batch recomputed in float32 (%d so far)",
+                           self.paths[i], half, self.fp32_reruns)
+            x = m.float()(**net_input)[0]
+            m.to(dtype=half)
+        check_finite(x, "teacher %s produced NaN/inf logits" % self.paths[i])
+        return x
+
     def signal(self, net_input, student, topk=0):
-        """Teacher log-probs for the gold prefix in ``net_input``: a signal dict (see kd_plugin.signals)."""
+        """Teacher log-probs for the gold prefix in ``net_input``: a signal dict (see kd_plugin.signals),
+        float32 whatever the student's dtype (log_softmax computed in float32)."""
         self._follow(next(student.parameters()))
         with torch.inference_mode():
-            logits = [m(**net_input)[0] for m in self.models]
+            logits = [self._logits(i, net_input) for i in range(len(self.models))]
         with torch.no_grad():  # outside inference mode: results are ordinary tensors usable in autograd
-            for path, x in zip(self.paths, logits):
-                check_finite(x, "teacher %s produced NaN/inf logits" % path)
             lps = [F.log_softmax(x, dim=-1, dtype=torch.float32) for x in logits]
             lprobs = lps[0] if len(lps) == 1 else torch.logsumexp(torch.stack(lps), 0) - math.log(len(lps))
             return topk_signal(lprobs, topk) if topk else {"lprobs": lprobs}
