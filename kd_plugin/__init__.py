@@ -2,9 +2,10 @@
 
 Registers the task ``translation_kd`` and the criterions ``token_kd``, ``sentence_kd`` and ``hybrid_kd``.
 """
-from kd_plugin import compat
+from kd_plugin import cli_errors, compat
 
 compat.apply()
+cli_errors.patch_fairseq_cli()
 
 from kd_plugin import criterions, tasks  # noqa: E402,F401  (registration side effects)
 from kd_plugin.tasks import translation_kd  # noqa: E402,F401

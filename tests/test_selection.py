@@ -152,8 +152,8 @@ def criterion(**kw):
     dictionary = Dictionary()
     for i in range(V - len(dictionary)):
         dictionary.add_symbol("w%d" % i)
-    return TokenKDCriterion(SimpleNamespace(target_dictionary=dictionary), sentence_avg=False,
-                            label_smoothing=0.1, **kw)
+    task = SimpleNamespace(target_dictionary=dictionary, serves_teacher_signals=True)
+    return TokenKDCriterion(task, sentence_avg=False, label_smoothing=0.1, **kw)
 
 
 def batch(seed=0):

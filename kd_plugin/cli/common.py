@@ -32,6 +32,7 @@ from fairseq.data import BaseWrapperDataset, data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from kd_plugin.checks import KDConfigError
+from kd_plugin.cli_errors import exit_with
 from kd_plugin.teacher import load_members
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ def run_cli(main, args, prog):
     try:
         return main(args)
     except KDConfigError as e:
-        print("%s: error: %s" % (prog, e), file=sys.stderr)
-        sys.exit(2)
+        exit_with(prog, e)
 
 
 def positive_int(value):

@@ -25,6 +25,16 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
     gold_targets = True  # whether the loss ever runs the student on the gold target (batching counts it)
     teacher_topk = 0
 
+    def __init__(self, task, *args, **kwargs):
+        if not getattr(task, "serves_teacher_signals", False):
+            from fairseq.criterions import CRITERION_REGISTRY
+
+            name = next((k for k, v in CRITERION_REGISTRY.items() if v is type(self)), type(self).__name__)
+            task_name = getattr(getattr(task, "cfg", None), "_name", None) or type(task).__name__
+            raise KDConfigError("--criterion %s needs --task translation_kd (the task that serves the teacher's "
+                                "signals); got --task %s" % (name, task_name))
+        super().__init__(task, *args, **kwargs)
+
     def require(self, sample, key):
         if key not in sample:
             raise KDConfigError("criterion %s needs %s" % (self.__class__.__name__, _WHERE[key]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.nn as nn
+from fairseq import utils
 from fairseq.data import data_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -74,33 +75,57 @@ def load_teacher_targets(directory, split, src, tgt, dictionary, expected_len, l
 @register_task("translation_kd", dataclass=TranslationKDConfig)
 class TranslationKDTask(TranslationTask):
     cfg: TranslationKDConfig
+    serves_teacher_signals = True  # the KD criterions refuse any other task at construction
 
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        for flag in ("--teacher-targets", "--teacher-cache"):
+            self.teacher_dirs(flag)  # refuse a teacher directory list that does not match DATA at start-up
         self.teacher = None
         self.student_dim = None
         self.gold_targets = True  # set by build_criterion: does the criterion train on gold targets?
 
-    @property
-    def targets_dir(self):
-        """--teacher-targets, or the cache directory when it also holds teacher-decoded targets."""
-        if self.cfg.teacher_targets or not self.cfg.teacher_cache:
-            return self.cfg.teacher_targets
-        probe = teacher_targets_prefix(self.cfg.teacher_cache, self.cfg.train_subset,
-                                       self.cfg.source_lang, self.cfg.target_lang) + ".idx"
-        return self.cfg.teacher_cache if os.path.isfile(probe) else None
+    def teacher_dirs(self, flag):
+        """The directories given to ``flag`` (colon-separated), one per data directory: fairseq trains epoch e
+        on data directory (e-1) mod n (``DATA=a:b``), so teacher signals must follow the same rotation."""
+        value = getattr(self.cfg, flag.lstrip("-").replace("-", "_"))
+        if not value:
+            return []
+        dirs, n = utils.split_paths(value), len(utils.split_paths(self.cfg.data))
+        if len(dirs) != n:
+            raise KDConfigError(
+                "%s: %d director%s for %d data director%s; with DATA=a:b fairseq trains epoch e on data "
+                "directory (e-1) mod n, so give one teacher directory per data directory, colon-separated, "
+                "in the same order" % (flag, len(dirs), "y" if len(dirs) == 1 else "ies", n,
+                                       "y" if n == 1 else "ies"))
+        return dirs
+
+    def targets_dir(self, epoch=1):
+        """--teacher-targets, or the cache directory when it also holds teacher-decoded targets, for ``epoch``."""
+        dirs = self.teacher_dirs("--teacher-targets") or self.teacher_dirs("--teacher-cache")
+        if not dirs:
+            return None
+        chosen = dirs[(epoch - 1) % len(dirs)]
+        if self.cfg.teacher_targets:
+            return chosen
+        probe = teacher_targets_prefix(chosen, self.cfg.train_subset, self.cfg.source_lang,
+                                       self.cfg.target_lang) + ".idx"
+        return chosen if os.path.isfile(probe) else None
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         extras = []
-        if self.targets_dir:
+        targets_dir = self.targets_dir(epoch)
+        if targets_dir:
             extras.append(load_teacher_targets(
-                self.targets_dir, split, self.cfg.source_lang, self.cfg.target_lang,
+                targets_dir, split, self.cfg.source_lang, self.cfg.target_lang,
                 self.tgt_dict, len(self.datasets[split]), self.cfg.left_pad_target))
-        if self.cfg.teacher_cache:
+        caches = self.teacher_dirs("--teacher-cache")
+        if caches:
             from kd_plugin.data.teacher_cache import load_teacher_cache
 
-            extras.append(load_teacher_cache(self.cfg.teacher_cache, split, self.datasets[split], self.tgt_dict))
+            extras.append(load_teacher_cache(caches[(epoch - 1) % len(caches)], split, self.datasets[split],
+                                             self.tgt_dict))
         if extras:
             self.datasets[split] = KDLanguagePairDataset(self.datasets[split], extras, self.gold_targets)
 
@@ -116,13 +141,14 @@ class TranslationKDTask(TranslationTask):
         if "logits" in needs and not (self.cfg.teacher_path or self.cfg.teacher_cache):
             raise KDConfigError("criterion %s needs teacher logits: pass --teacher-path (online teacher) or "
                                 "--teacher-cache (made by kd-dump-teacher)" % name)
-        if "targets" in needs and not self.targets_dir:
+        if "targets" in needs and not self.targets_dir():
             raise KDConfigError("criterion %s needs teacher-decoded targets: pass --teacher-targets DIR "
                                 "(made by kd-distill-corpus)" % name)
         if "logits" in needs and self.cfg.teacher_cache:
             from kd_plugin.data.teacher_cache import check_cache_topk
 
-            check_cache_topk(self.cfg.teacher_cache, getattr(criterion, "teacher_topk", 0))
+            for cache in self.teacher_dirs("--teacher-cache"):
+                check_cache_topk(cache, getattr(criterion, "teacher_topk", 0))
         if "logits" in needs and not self.cfg.teacher_cache and self.teacher is None:
             self.teacher = Teacher.load(self.cfg.teacher_path, self)
         # batch by the targets the loss really runs on (datasets loaded before, e.g. valid, are updated)
