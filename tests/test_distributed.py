@@ -92,11 +92,15 @@ def test_two_workers_equal_one_worker_with_update_freq_2(name, backend, data_bin
     if not learned_gate:
         assert diff == 0  # the same sums in the same order: bit for bit, under both backends
         return
-    # the gate's targets differ slightly (above), and through the gate the mix: measured after 4 updates, student
-    # weights within ~1e-5, gate parameters within ~1e-3
+    # the gate's targets differ slightly (above), and through the gate the mix. The running means start from the
+    # first update's batch mean: the union of both workers' first batches here, the first micro-batch alone in the
+    # reference (measured after 4 updates: 3.251 vs 3.167). Student weights within 1e-4, gate parameters 5e-3
     assert diff < 1e-4, diff
     for key, v in a["criterion"].items():
-        assert (v - b["criterion"][key]).abs().max() < 5e-3, key
+        if key.startswith("benefit."):
+            assert abs(v - b["criterion"][key]) < 5e-2 * abs(b["criterion"][key]), key
+        else:
+            assert (v - b["criterion"][key]).abs().max() < 5e-3, key
 
 
 _RANK = r"""
