@@ -19,11 +19,16 @@ setup(
         "bitarray",
         "regex",
     ],
+    extras_require={
+        # kd-export (CTranslate2 models); the version the tests run with
+        "export": ["ctranslate2==4.8.5"],
+    },
     entry_points={
         "console_scripts": [
             "kd-distill-corpus=kd_plugin.cli.distill_corpus:cli_main",
             "kd-dump-teacher=kd_plugin.cli.dump_teacher:cli_main",
             "kd-gate-dump=kd_plugin.cli.gate_dump:cli_main",
+            "kd-export=kd_plugin.cli.export:cli_main",
         ]
     },
 )
