@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build a small real German-English parallel corpus for the kd-plugin demo.
+"""Build a small real German-English parallel corpus for the kd-plugin demo (or split and clean a user's TSV).
 
 Source: Debian's LibreOffice help packages ``libreoffice-help-de`` and ``libreoffice-help-en-us`` (MPL-2.0).
 Both ship the same HTML pages under ``usr/share/libreoffice/help/{de,en-US}/`` and every translatable text
@@ -7,15 +7,26 @@ element (p, h1-h6, td, li, span, div) carries the same ``id`` (``par_*``, ``hd_*
 sentence pairs align on (relative file, id, occurrence index). Nothing is installed: the ``.deb`` files are
 fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into a cache directory.
 
-Without apt-get, pass any parallel corpus as ``--tsv FILE`` (``de<TAB>en`` per line); it is split the same way.
+Without apt-get, pass any parallel corpus as ``--tsv FILE`` (``SRC<TAB>TGT`` per line, languages
+``--src-lang``/``--tgt-lang``, default de/en); it is split the same way.
 
-Output: ``OUT/{train,valid,test}.{de,en}``, one sentence per line (skipped when already there).
+Cleaning (:func:`clean`, both sources), in the spirit of Moses' ``clean-corpus-n.perl``: a pair is dropped
+when a side is empty, when a side has more than ``max_tokens`` whitespace tokens (250) or ``max_chars``
+characters (1500: a mis-split line of thousands of characters would otherwise reach fairseq, whose
+transformer takes at most 1024 positions), when the token counts differ by more than ``max_ratio`` (9, Moses'
+default), when it is untranslated (source == target), or when it repeats an earlier pair. On the LibreOffice
+help the three length filters drop nothing (longest side: 204 tokens, 1,377 characters; largest ratio
+below 9). The counts per reason are logged and written to ``OUT/cleaning.json``.
+
+Output: ``OUT/{train,valid,test}.{SRC,TGT}``, one sentence per line (skipped when already there).
 
     python examples/build_corpus.py --out work/demo/corpus [--cache work/cache] [--tsv FILE] [--seed 1]
+                                    [--src-lang de --tgt-lang en] [--clean-max-tokens 250] ...
 """
 import argparse
 import glob
 import html
+import json
 import os
 import random
 import re
@@ -34,6 +45,9 @@ VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
 SPLITS = ("train", "valid", "test")
 LANGS = ("de", "en")
 TEST_SIZE, VALID_SIZE = 1000, 500
+# Moses clean-corpus-n style limits (see the module docstring)
+CLEAN_LIMITS = {"max_tokens": 250, "max_chars": 1500, "max_ratio": 9.0}
+CLEANING_FILE = "cleaning.json"
 
 
 class CorpusError(RuntimeError):
@@ -143,26 +157,80 @@ def align_help(roots):
     return pairs
 
 
-def read_tsv(path):
-    """(de, en) pairs from a ``de<TAB>en`` file."""
+def read_tsv(path, langs=LANGS):
+    """(source, target) pairs from a ``SRC<TAB>TGT`` file; CorpusError (naming the file) if it is malformed."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 2:
-                raise CorpusError("%s:%d: expected 'de<TAB>en', got %d field(s)" % (path, lineno, len(fields)))
-            pairs.append((normalize(fields[0]), normalize(fields[1])))
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CorpusError("%s:%d: not UTF-8 text" % (path, lineno)) from None
+                fields = line.rstrip("\r\n").split("\t")
+                if len(fields) != 2:
+                    raise CorpusError("%s:%d: expected '%s<TAB>%s', got %d field(s)"
+                                      % (path, lineno, langs[0], langs[1], len(fields)))
+                pairs.append((normalize(fields[0]), normalize(fields[1])))
+    except OSError as e:
+        raise CorpusError("%s: cannot read (%s)" % (path, e.strerror or e)) from None
+    if not pairs:
+        raise CorpusError("%s: empty file (expected one '%s<TAB>%s' pair per line)" % (path, langs[0], langs[1]))
     return pairs
 
 
-def clean(pairs):
-    """Drop empty pairs and untranslated ones (de == en); keep the first of each duplicate pair."""
+def drop_reason(src, tgt, max_tokens, max_chars, max_ratio):
+    """Why Moses-style cleaning drops the pair (a key of :func:`reasons`), or None to keep it."""
+    if not src or not tgt:
+        return "empty"
+    n_src, n_tgt = len(src.split()), len(tgt.split())
+    if max(n_src, n_tgt) > max_tokens:
+        return "tokens"
+    if max(len(src), len(tgt)) > max_chars:
+        return "chars"
+    if max(n_src / n_tgt, n_tgt / n_src) > max_ratio:
+        return "ratio"
+    if src == tgt:
+        return "untranslated"
+    return None
+
+
+def reasons(max_tokens, max_chars, max_ratio):
+    """{reason key: what it means}, in the order :func:`drop_reason` checks them (then duplicates)."""
+    return {"empty": "empty side", "tokens": "over %d tokens" % max_tokens,
+            "chars": "over %d characters" % max_chars, "ratio": "length ratio over %g" % max_ratio,
+            "untranslated": "untranslated (source == target)", "duplicate": "duplicate pair"}
+
+
+def clean(pairs, max_tokens=CLEAN_LIMITS["max_tokens"], max_chars=CLEAN_LIMITS["max_chars"],
+          max_ratio=CLEAN_LIMITS["max_ratio"]):
+    """(kept pairs in input order, {reason: number dropped}): :func:`drop_reason`, then the first of each
+    duplicate pair is kept."""
     seen, kept = set(), []
-    for de, en in pairs:
-        if de and en and de != en and (de, en) not in seen:
-            seen.add((de, en))
-            kept.append((de, en))
-    return kept
+    dropped = dict.fromkeys(reasons(max_tokens, max_chars, max_ratio), 0)
+    for pair in pairs:
+        reason = drop_reason(*pair, max_tokens, max_chars, max_ratio) or ("duplicate" if pair in seen else None)
+        if reason:
+            dropped[reason] += 1
+        else:
+            seen.add(pair)
+            kept.append(pair)
+    return kept, dropped
+
+
+def cleaning_summary(read, kept, dropped, limits=CLEAN_LIMITS):
+    """'N pairs read, M kept; dropped K: a empty side, b over 250 tokens, ...' (reasons with a count)."""
+    names = reasons(**limits)
+    parts = ["%s %s" % ("{:,}".format(n), names[k]) for k, n in dropped.items() if n]
+    return "%s pairs read, %s kept; dropped %s%s" % (
+        "{:,}".format(read), "{:,}".format(kept), "{:,}".format(read - kept), ": " + ", ".join(parts) if parts else "")
+
+
+def load_tsv(path, langs=LANGS, limits=CLEAN_LIMITS):
+    """The cleaned pairs of a user's TSV and the cleaning record ({"read", "kept", "dropped", "limits"})."""
+    raw = read_tsv(path, langs)
+    pairs, dropped = clean(raw, **limits)
+    return pairs, {"read": len(raw), "kept": len(pairs), "dropped": dropped, "limits": dict(limits)}
 
 
 def split(pairs, seed, test_size=TEST_SIZE, valid_size=VALID_SIZE):
@@ -187,44 +255,61 @@ def split(pairs, seed, test_size=TEST_SIZE, valid_size=VALID_SIZE):
     return {"train": train, "valid": valid, "test": test}
 
 
-def outputs(out_dir):
-    return [os.path.join(out_dir, "%s.%s" % (s, lang)) for s in SPLITS for lang in LANGS]
+def outputs(out_dir, langs=LANGS):
+    return [os.path.join(out_dir, "%s.%s" % (s, lang)) for s in SPLITS for lang in langs]
 
 
-def write_atomic(out_dir, splits):
-    """Write all six files into a temporary directory next to ``out_dir`` and move them in place."""
+def write_atomic(out_dir, splits, langs=LANGS, cleaning=None):
+    """Write the six files (and ``cleaning`` as cleaning.json) into a temporary directory inside ``out_dir``
+    and move them in place."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-corpus-", dir=out_dir)
     try:
+        names = []
         for name, pairs in splits.items():
-            for i, lang in enumerate(LANGS):
-                with open(os.path.join(tmp, "%s.%s" % (name, lang)), "w", encoding="utf-8") as f:
+            for i, lang in enumerate(langs):
+                names.append("%s.%s" % (name, lang))
+                with open(os.path.join(tmp, names[-1]), "w", encoding="utf-8") as f:
                     f.writelines(pair[i] + "\n" for pair in pairs)
-        for name in splits:
-            for lang in LANGS:
-                fname = "%s.%s" % (name, lang)
-                os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
+        if cleaning is not None:
+            names.insert(0, CLEANING_FILE)
+            with open(os.path.join(tmp, CLEANING_FILE), "w") as f:
+                json.dump(cleaning, f, indent=1)
+        for fname in names:
+            os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_cleaning(out_dir):
+    """The cleaning record build() wrote into ``out_dir``, or None (a corpus built before it existed)."""
+    try:
+        with open(os.path.join(out_dir, CLEANING_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def stats(pairs):
-    """Number of pairs and median/mean English length in words."""
-    lengths = [len(en.split()) for _, en in pairs]
-    return {"pairs": len(pairs), "median_en_words": statistics.median(lengths),
-            "mean_en_words": round(statistics.mean(lengths), 1)}
+    """Number of pairs and median/mean target length in words."""
+    lengths = [len(tgt.split()) for _, tgt in pairs]
+    return {"pairs": len(pairs), "median_tgt_words": statistics.median(lengths),
+            "mean_tgt_words": round(statistics.mean(lengths), 1)}
 
 
-def build(out_dir, cache_dir="work/cache", tsv=None, seed=1, log=print):
-    """Build ``out_dir/{train,valid,test}.{de,en}`` (no-op if present); return {split: number of pairs}."""
-    if all(os.path.isfile(p) for p in outputs(out_dir)):
-        sizes = {s: count_lines(os.path.join(out_dir, s + ".en")) for s in SPLITS}
+def build(out_dir, cache_dir="work/cache", tsv=None, seed=1, log=print, langs=LANGS, limits=CLEAN_LIMITS):
+    """Build ``out_dir/{train,valid,test}.{SRC,TGT}`` (no-op if present); return {split: number of pairs}.
+    Without ``tsv`` (the LibreOffice help) ``langs`` must be de, en."""
+    if all(os.path.isfile(p) for p in outputs(out_dir, langs)):
+        sizes = {s: count_lines(os.path.join(out_dir, "%s.%s" % (s, langs[1]))) for s in SPLITS}
         log("corpus: %s already built (%s)" % (out_dir, ", ".join("%s %d" % kv for kv in sizes.items())))
         return sizes
     if tsv:
-        raw = read_tsv(tsv)
+        pairs, cleaning = load_tsv(tsv, langs, limits)
         source = tsv
     else:
+        if tuple(langs) != LANGS:
+            raise CorpusError("the LibreOffice help corpus is de-en; pass a TSV for %s-%s" % tuple(langs))
         try:
             roots = fetch_help(cache_dir)
         except (CorpusError, OSError, subprocess.CalledProcessError) as e:
@@ -232,12 +317,17 @@ def build(out_dir, cache_dir="work/cache", tsv=None, seed=1, log=print):
                               "Pass your own parallel corpus instead: --tsv FILE.tsv (demo: --data FILE.tsv "
                               "or DATA=FILE.tsv), one 'de<TAB>en' pair per line." % e) from e
         raw = align_help(roots)
+        pairs, dropped = clean(raw, **limits)
+        cleaning = {"read": len(raw), "kept": len(pairs), "dropped": dropped, "limits": dict(limits)}
         source = "%s + %s (MPL-2.0)" % (PACKAGES["de"], PACKAGES["en"])
-    pairs = clean(raw)
-    log("corpus: %s: %d aligned, %d unique non-identical pairs, median %s / mean %s English words"
-        % (source, len(raw), len(pairs), *list(stats(pairs).values())[1:]))
-    splits = split(pairs, seed)
-    write_atomic(out_dir, splits)
+    log("corpus: %s: %s" % (source, cleaning_summary(cleaning["read"], cleaning["kept"], cleaning["dropped"],
+                                                     cleaning["limits"])))
+    log("corpus: median %s / mean %s %s words per sentence" % (*list(stats(pairs).values())[1:], langs[1]))
+    try:
+        splits = split(pairs, seed)
+    except CorpusError as e:
+        raise CorpusError("%s: %s" % (source, e)) from None
+    write_atomic(out_dir, splits, langs, cleaning)
     sizes = {s: len(p) for s, p in splits.items()}
     log("corpus: wrote %s (%s)" % (out_dir, ", ".join("%s %d" % kv for kv in sizes.items())))
     return sizes
@@ -248,15 +338,39 @@ def count_lines(path):
         return sum(1 for _ in f)
 
 
+def add_clean_args(parser):
+    """--clean-max-tokens, --clean-max-chars, --clean-max-ratio (shared with examples/demo.py)."""
+    parser.add_argument("--clean-max-tokens", type=int, default=CLEAN_LIMITS["max_tokens"],
+                        help="drop pairs with a side of more whitespace tokens")
+    parser.add_argument("--clean-max-chars", type=int, default=CLEAN_LIMITS["max_chars"],
+                        help="drop pairs with a side of more characters")
+    parser.add_argument("--clean-max-ratio", type=float, default=CLEAN_LIMITS["max_ratio"],
+                        help="drop pairs whose token counts differ by a larger factor (Moses' ratio)")
+
+
+def clean_limits(parser, args):
+    """The limits of :func:`add_clean_args`' flags as :func:`clean` keywords (range-checked)."""
+    for flag, value in (("--clean-max-tokens", args.clean_max_tokens), ("--clean-max-chars", args.clean_max_chars),
+                        ("--clean-max-ratio", args.clean_max_ratio)):
+        if not value >= 1:
+            parser.error("%s must be >= 1 (got %s)" % (flag, value))
+    return {"max_tokens": args.clean_max_tokens, "max_chars": args.clean_max_chars,
+            "max_ratio": args.clean_max_ratio}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="work/demo/corpus", help="output directory")
     parser.add_argument("--cache", default="work/cache", help="where the .deb files are downloaded and unpacked")
-    parser.add_argument("--tsv", help="use this de<TAB>en file instead of the LibreOffice help")
+    parser.add_argument("--tsv", help="use this SRC<TAB>TGT file instead of the LibreOffice help")
+    parser.add_argument("--src-lang", default=LANGS[0], help="language code of the TSV's first column")
+    parser.add_argument("--tgt-lang", default=LANGS[1], help="language code of the TSV's second column")
     parser.add_argument("--seed", type=int, default=1, help="seed of the train/valid/test split")
+    add_clean_args(parser)
     args = parser.parse_args(argv)
     try:
-        build(args.out, args.cache, args.tsv, args.seed)
+        build(args.out, args.cache, args.tsv, args.seed, langs=(args.src_lang, args.tgt_lang),
+              limits=clean_limits(parser, args))
     except CorpusError as e:
         sys.exit("build_corpus: " + str(e))
 

@@ -1,40 +1,36 @@
 #!/usr/bin/env python3
-"""End-to-end kd-plugin demo: a German->English teacher, then four equally-sized students trained with the
-same budget (plain label smoothing, token-level KD, sentence-level KD, gated hybrid KD), all scored with stock
-``fairseq-generate`` and sacreBLEU.
+"""End-to-end kd-plugin demo: a German->English teacher (or any pair with --data), then four equally-sized
+students trained with the same budget (plain label smoothing, token-level KD, sentence-level KD, gated hybrid
+KD), all scored with stock ``fairseq-generate`` and sacreBLEU.
 
     make demo                          # .venv/bin/python examples/demo.py  (~25 min on 2 CPU cores)
     make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
-    python examples/demo.py --data my.tsv --students plain,token
+    python examples/demo.py --data fr-en.tsv --src-lang fr --tgt-lang en --students plain,token
     python examples/demo.py --help     # all sizes
 
 Pipeline (every step is cached under WORK: delete a step's output or WORK/done/STEP.json to redo it):
-corpus (examples/build_corpus.py) -> sentencepiece joint BPE -> fairseq-preprocess --joined-dictionary ->
-teacher (fairseq-train) -> kd-distill-corpus (train, valid) -> students -> fairseq-generate + sacreBLEU ->
-a markdown table printed and written to WORK/results.md (full mode also: docs/DEMO.md).
+corpus (examples/build_corpus.py: cleaned, split) -> sentencepiece joint BPE (demo_data.py) ->
+fairseq-preprocess --joined-dictionary -> teacher (fairseq-train) -> kd-distill-corpus (train, valid) ->
+students -> fairseq-generate + sacreBLEU -> a markdown table (demo_report.py) printed and written to
+WORK/results.md; a full run on the default corpus also writes docs/DEMO.md (a --data run never does).
+Steps run through demo_pipeline.py. A malformed --data TSV (or too few pairs for the split) stops before
+anything is written: one line naming the file, exit status 2.
 """
 import argparse
 import concurrent.futures
-import copy
-import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import shutil
-import subprocess
 import sys
-import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import build_corpus  # noqa: E402
+from demo_data import check_user_corpus, corpus_step_cmd, make_corpus, preprocess_cmd, train_bpe  # noqa: E402
+from demo_pipeline import REPO, Pipeline, StepFailed, read_lines, tool, write_lines  # noqa: E402,F401
+from demo_report import report  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)  # the venv's console scripts live next to its python
-SRC, TGT = "de", "en"
-SPLITS = ("train", "valid", "test")
+LANG_RE = re.compile(r"^[A-Za-z0-9_]+$")  # fairseq names files {split}.{src}-{tgt}.{lang}
 # Output length cap of evaluation and distillation (1.2 * source + 10): keeps a weak model's degenerate
 # repetitions from running to 200 tokens, which would dominate CPU decoding time.
 MAX_LEN = ["--max-len-a", "1.2", "--max-len-b", "10"]
@@ -70,159 +66,6 @@ DEFAULTS = {
 }
 
 
-class StepFailed(RuntimeError):
-    pass
-
-
-class Pipeline:
-    """Runs the cached steps; ``self.seconds[step]`` is the wall time of each step (cached runs included),
-    ``self.reused`` the steps skipped because an earlier run made them."""
-
-    def __init__(self, args):
-        self.args = args
-        self.work = os.path.abspath(args.work)
-        self.t0 = time.time()
-        self.seconds, self.reused = {}, []
-        self.lock = threading.Lock()
-        # unbuffered: stdout lines (fairseq-generate's H-i) never get split by stderr lines
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if args.threads:
-            self.env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        for sub in ("logs", "done"):
-            os.makedirs(self.path(sub), exist_ok=True)
-
-    def with_threads(self, threads):
-        """The same pipeline (shared step times) whose commands run with ``threads`` OpenMP threads."""
-        view = copy.copy(self)
-        view.env = dict(self.env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        return view
-
-    def path(self, *parts):
-        return os.path.join(self.work, *parts)
-
-    def progress(self, step, message):
-        with self.lock:  # students report from parallel threads
-            print("[%7.1fs] %-18s %s" % (time.time() - self.t0, step, message), flush=True)
-
-    def cached(self, step):
-        """The done-marker of ``step`` ({"seconds": ..., "cmd": ...}) or None."""
-        marker = self.path("done", step + ".json")
-        if not os.path.isfile(marker):
-            return None
-        with open(marker) as f:
-            return json.load(f)
-
-    def step(self, step, fn, cmd=None):
-        """Run ``fn()`` once: skipped when ``step``'s done-marker exists; the marker records time and command."""
-        done = self.cached(step)
-        if done is not None:
-            self.seconds[step] = done["seconds"]
-            self.reused.append(step)
-            note = "" if cmd is None or done.get("cmd") == cmd else " (made with other arguments; delete %s)" \
-                % self.path("done", step + ".json")
-            self.progress(step, "cached (%.0fs)%s" % (done["seconds"], note))
-            return
-        self.progress(step, "running ...")
-        start = time.time()
-        fn()
-        self.seconds[step] = time.time() - start
-        with open(self.path("done", step + ".json"), "w") as f:
-            json.dump({"seconds": self.seconds[step], "cmd": cmd}, f)
-        self.progress(step, "done in %.0fs" % self.seconds[step])
-
-    def run(self, step, *stages):
-        """Step ``step``: each stage is a list of commands run in parallel (one command: a plain list);
-        stages run one after the other. Output goes to WORK/logs/STEP.log (STEP.I.log for parallel ones)."""
-        stages = [[cmd] if isinstance(cmd[0], str) else cmd for cmd in stages]
-        stages = [[[str(c) for c in cmd] for cmd in stage] for stage in stages]
-        self.step(step, lambda: [self.subprocesses(step, stage) for stage in stages], stages)
-
-    def subprocesses(self, step, cmds):
-        """Run ``cmds`` concurrently; raise StepFailed (after printing the log's tail) if one fails."""
-        procs = []
-        for i, cmd in enumerate(cmds):
-            log = self.path("logs", "%s.log" % step if len(cmds) == 1 else "%s.%d.log" % (step, i))
-            with open(log, "w") as f:
-                f.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
-                f.flush()
-                procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                               env=self.env), log))
-        failed = [(proc.wait(), log) for proc, log in procs]
-        for rc, log in failed:
-            if rc != 0:
-                with open(log, errors="replace") as f:
-                    sys.stderr.write("".join(f.readlines()[-30:]))
-                raise StepFailed("step %s failed (exit %d); full log: %s" % (step, rc, log))
-
-
-def tool(name):
-    """A console script of the venv that runs this file."""
-    exe = os.path.join(BIN, name)
-    if not os.path.isfile(exe):
-        raise StepFailed("%s not found next to %s (run `make setup`)" % (name, sys.executable))
-    return exe
-
-
-# ---------------------------------------------------------------- data
-
-
-def make_corpus(p):
-    """WORK/corpus/{train,valid,test}.{de,en}: LibreOffice help (or --data TSV), subsampled in quick mode."""
-    a, out = p.args, p.path("corpus")
-    subset = a.train_pairs or a.valid_pairs or a.test_pairs
-    full = p.path("corpus-full") if subset else out
-    build_corpus.build(full, a.cache, tsv=a.data, seed=a.seed,
-                       log=lambda m: p.progress("corpus", m))
-    if subset:
-        limits = {"train": a.train_pairs, "valid": a.valid_pairs, "test": a.test_pairs}
-        os.makedirs(out, exist_ok=True)
-        for split in SPLITS:
-            for lang in (SRC, TGT):
-                lines = read_lines(os.path.join(full, "%s.%s" % (split, lang)))
-                write_lines(os.path.join(out, "%s.%s" % (split, lang)), lines[:limits[split] or None])
-
-
-def train_bpe(p):
-    """Joint sentencepiece BPE on train.de + train.en; WORK/bpe/{split}.{lang} hold the pieces."""
-    import sentencepiece as spm
-
-    os.makedirs(p.path("bpe"), exist_ok=True)
-    prefix = p.path("bpe", "spm")
-    with open(p.path("logs", "bpe.log"), "w") as log:
-        try:
-            spm.SentencePieceTrainer.train(
-                input=[p.path("corpus", "train.%s" % lang) for lang in (SRC, TGT)], model_prefix=prefix,
-                vocab_size=p.args.bpe_size, model_type="bpe", character_coverage=1.0, num_threads=2,
-                logstream=log)
-        except RuntimeError as e:  # e.g. "Vocabulary size too high (N). Please set it to a value <= M."
-            raise StepFailed("step bpe failed (--bpe-size %d): %s" % (p.args.bpe_size, str(e).split("] ")[-1]))
-    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-    for split in SPLITS:
-        for lang in (SRC, TGT):
-            lines = read_lines(p.path("corpus", "%s.%s" % (split, lang)))
-            write_lines(p.path("bpe", "%s.%s" % (split, lang)),
-                        [" ".join(pieces) for pieces in sp.encode(lines, out_type=str)])
-
-
-def preprocess_cmd(p):
-    bpe = p.path("bpe")
-    return [tool("fairseq-preprocess"), "--source-lang", SRC, "--target-lang", TGT, "--joined-dictionary",
-            "--trainpref", os.path.join(bpe, "train"), "--validpref", os.path.join(bpe, "valid"),
-            "--testpref", os.path.join(bpe, "test"), "--destdir", p.path("data-bin"), "--workers", "2"]
-
-
-def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def write_lines(path, lines):
-    """Write atomically (temp file + rename) so an interrupted run never leaves a half file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(path + ".tmp", path)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -247,7 +90,7 @@ def train(p, name, role, criterion_args):
 def train_cmd(p, name, role, criterion_args):
     """One fairseq-train command line; only the architecture (``role``) and the criterion differ."""
     a = p.args
-    cmd = [tool("fairseq-train"), p.path("data-bin"), "--source-lang", SRC, "--target-lang", TGT]
+    cmd = [tool("fairseq-train"), p.path("data-bin"), "--source-lang", a.src_lang, "--target-lang", a.tgt_lang]
     cmd += model_args(a, role) + criterion_args
     cmd += ["--dropout", a.dropout, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
             "--lr", a.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", a.warmup,
@@ -333,7 +176,7 @@ def count_params(ckpt):
 def generate_cmd(p, name):
     """STOCK fairseq-generate (no --user-dir): the students are plain fairseq transformers."""
     return [tool("fairseq-generate"), p.path("data-bin"), "--path", checkpoint(p, name),
-            "--source-lang", SRC, "--target-lang", TGT, "--gen-subset", "test",
+            "--source-lang", p.args.src_lang, "--target-lang", p.args.tgt_lang, "--gen-subset", "test",
             "--beam", "5", "--batch-size", "64", "--remove-bpe", "sentencepiece"] + MAX_LEN
 
 
@@ -353,10 +196,10 @@ def hypotheses(log, n):
 
 
 def score(p, name):
-    """sacreBLEU BLEU and chrF of the system's test hypotheses against the raw test.en."""
+    """sacreBLEU BLEU and chrF of the system's test hypotheses against the raw test.{tgt}."""
     from sacrebleu.metrics import BLEU, CHRF
 
-    refs = read_lines(p.path("corpus", "test.%s" % TGT))
+    refs = read_lines(p.path("corpus", "test.%s" % p.args.tgt_lang))
     hyps = hypotheses(p.path("logs", "eval-%s.log" % name), len(refs))
     os.makedirs(p.path("eval"), exist_ok=True)
     write_lines(p.path("eval", "%s.hyp" % name), hyps)
@@ -382,87 +225,6 @@ def evaluate(p, name):
     return score(p, name)
 
 
-# ---------------------------------------------------------------- report
-
-
-def machine():
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return "%d x %s (%s)" % (os.cpu_count() or 0, model, platform.platform())
-
-
-def command_line(a):
-    env = "QUICK=1 " if a.quick and os.environ.get("QUICK") else ""
-    return env + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.executable, REPO)] + sys.argv)
-
-
-def report(p, results):
-    """The markdown results: one table plus everything needed to reproduce it."""
-    a = p.args
-    teacher_train = p.seconds.get("train-teacher", 0.0)
-    rows = ["| system | params | updates | train time (s) | BLEU | chrF |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        label = "teacher" if name == "teacher" else "student: " + name
-        rows.append("| %s | %s | %d | %.0f | %.1f | %.1f |" % (
-            label, "{:,}".format(r["params"]), r["updates"], p.seconds.get("train-" + name, 0.0), r["bleu"], r["chrf"]))
-    distill = sum(p.seconds.get("distill-" + s, 0.0) for s in ("train", "valid"))
-    sizes = {s: len(read_lines(p.path("corpus", "%s.%s" % (s, TGT)))) for s in SPLITS}
-    first = next(iter(results.values()))
-    lines = [
-        "# kd-plugin demo: German -> English, LibreOffice help%s" % (" (QUICK smoke run)" if a.quick else ""),
-        "",
-        "\n".join(rows),
-        "",
-        "- Command: `%s`" % command_line(a),
-        "- Date: %s" % datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "- Machine: %s; threads per process: teacher and its test decoding %d, distillation shards 1, students "
-        "(training and test decoding) %d, %d students at a time"
-        % (machine(), a.threads or _torch_threads(), student_threads(a), a.jobs),
-        "- Data: %s; train %d / valid %d / test %d pairs; joint sentencepiece BPE %d"
-        % ("`%s`" % a.data if a.data else "Debian libreoffice-help-de + libreoffice-help-en-us (MPL-2.0)",
-           sizes["train"], sizes["valid"], sizes["test"], a.bpe_size),
-        "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(a, "teacher"), a.teacher_epochs, teacher_train),
-        "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that train on "
-        "teacher-decoded targets batch by those targets' lengths, so their update counts differ)"
-        % (arch(a, "student"), a.student_epochs),
-        "- Shared: adam lr %s, inverse_sqrt warmup %s, max-tokens %s, dropout %s, seed %s%s"
-        % (a.lr, a.warmup, a.max_tokens, a.dropout, a.seed, ", max-update %s" % a.max_update if a.max_update else ""),
-        "- Student criteria: %s" % "; ".join("%s: `%s`" % (s, " ".join(map(repo_relative, student_args(p, s))))
-                                             for s in a.students),
-    ]
-    if distill:
-        lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam %d): %.0f s, "
-                     "not included in the sentence/hybrid train times" % (a.distill_beam, distill))
-    wall = time.time() - p.t0
-    reused = "; steps reused from earlier runs (not in this time): %s" % ", ".join(p.reused) if p.reused else ""
-    lines += [
-        "- Wall time of this run: %.0f s (%.1f min)%s" % (wall, wall / 60, reused),
-        "- Decoding: stock `%s` (no --user-dir)" % " ".join(map(repo_relative, generate_cmd(p, "SYSTEM"))),
-        "- sacreBLEU: BLEU `%s`, chrF `%s`" % (first["bleu_signature"], first["chrf_signature"]),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def arch(a, role):
-    return "layers %s+%s, d=%s, ffn %s, %s heads" % tuple(
-        getattr(a, "%s_%s" % (role, k)) for k in ("layers", "layers", "dim", "ffn", "heads"))
-
-
-def repo_relative(arg):
-    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
-
-
-def _torch_threads():
-    import torch
-
-    return torch.get_num_threads()
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -473,10 +235,13 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", default=quick,
                         help="smoke run (also QUICK=1): 3k-pair subset, tiny models, scores meaningless")
-    parser.add_argument("--work", default=os.path.join(REPO, "work", "demo-quick" if quick else "demo"),
-                        help="work directory")
+    parser.add_argument("--work", help="work directory (default: work/demo, work/demo-quick with --quick; with "
+                                       "--data: work/demo[-quick]-NAME-SRC-TGT for NAME.tsv)")
     parser.add_argument("--data", default=os.environ.get("DATA") or None,
-                        help="de<TAB>en corpus to use instead of the LibreOffice help (also DATA=file.tsv)")
+                        help="SRC<TAB>TGT corpus to use instead of the LibreOffice help (also DATA=file.tsv)")
+    parser.add_argument("--src-lang", default="de", help="language code of the --data TSV's first column")
+    parser.add_argument("--tgt-lang", default="en", help="language code of the --data TSV's second column")
+    build_corpus.add_clean_args(parser)
     parser.add_argument("--cache", default=os.path.join(REPO, "work", "cache"),
                         help="download cache of examples/build_corpus.py")
     parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
@@ -496,6 +261,21 @@ def parse_args(argv=None):
     for key, values in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=values[column])
     a = parser.parse_args(argv)
+    for flag, lang in (("--src-lang", a.src_lang), ("--tgt-lang", a.tgt_lang)):
+        if not LANG_RE.match(lang):
+            parser.error("%s: %r is not a language code (letters, digits, _)" % (flag, lang))
+    if a.src_lang == a.tgt_lang:
+        parser.error("--src-lang and --tgt-lang are both %r" % a.src_lang)
+    if not a.data and (a.src_lang, a.tgt_lang) != build_corpus.LANGS:
+        parser.error("--src-lang/--tgt-lang: the default corpus is de-en; pass --data FILE.tsv for %s-%s"
+                     % (a.src_lang, a.tgt_lang))
+    a.clean_limits = build_corpus.clean_limits(parser, a)
+    if a.work is None:
+        name = "demo-quick" if quick else "demo"
+        if a.data:
+            stem = re.sub(r"[^\w.-]+", "_", os.path.splitext(os.path.basename(a.data))[0])
+            name = "%s-%s-%s-%s" % (name, stem, a.src_lang, a.tgt_lang)
+        a.work = os.path.join(REPO, "work", name)
     a.work, a.cache = os.path.abspath(a.work), os.path.abspath(a.cache)
     a.data = a.data and os.path.abspath(a.data)
     a.students = [s for s in a.students.split(",") if s]
@@ -509,10 +289,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.data:  # before anything is written
+        try:
+            check_user_corpus(a)
+        except build_corpus.CorpusError as e:
+            print("demo: error: %s" % e, file=sys.stderr)
+            sys.exit(2)
     p = Pipeline(a)
-    p.progress("demo", "work directory %s (%s mode)" % (p.work, "QUICK" if a.quick else "full"))
+    p.progress("demo", "work directory %s (%s mode, %s -> %s)" % (p.work, "QUICK" if a.quick else "full",
+                                                                  a.src_lang, a.tgt_lang))
     try:
-        p.step("corpus", lambda: make_corpus(p))
+        p.step("corpus", lambda: make_corpus(p), corpus_step_cmd(a))
         p.step("bpe", lambda: train_bpe(p))
         p.run("preprocess", preprocess_cmd(p))
         train(p, "teacher", "teacher", TEACHER_CRITERION)
@@ -524,14 +311,16 @@ def main(argv=None):
         results.update(train_students(p))
     except (StepFailed, build_corpus.CorpusError) as e:
         sys.exit("demo: %s" % e)
-    text = report(p, results)
+    text = report(p, results, {s: student_args(p, s) for s in a.students}, generate_cmd(p, "SYSTEM"),
+                  student_threads(a))
     write_lines(p.path("results.md"), text.split("\n"))
-    if not a.quick:
+    docs = not a.quick and not a.data  # only the default corpus's full run is the repository's DEMO.md
+    if docs:
         os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
         write_lines(os.path.join(REPO, "docs", "DEMO.md"), text.split("\n"))
     print("\n" + text)
-    p.progress("demo", "finished; results in %s%s" % (p.path("results.md"), "" if a.quick else " and docs/DEMO.md"))
-    if not a.quick and results["teacher"]["bleu"] < 20:
+    p.progress("demo", "finished; results in %s%s" % (p.path("results.md"), " and docs/DEMO.md" if docs else ""))
+    if docs and results["teacher"]["bleu"] < 20:
         print("warning: the teacher reached only %.1f BLEU (expected >= 20)" % results["teacher"]["bleu"])
     if any(r["params"] >= results["teacher"]["params"] for name, r in results.items() if name != "teacher"):
         print("warning: the students are not smaller than the teacher (see --student-* and --teacher-*)")

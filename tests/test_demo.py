@@ -1,5 +1,7 @@
-"""examples/demo.py end to end on a generated corpus (QUICK models, a few updates): the table, the students
-trained two at a time, a second run that reuses every step, and a bad flag."""
+"""examples/demo.py end to end on a generated French-English corpus with a few dirty pairs (QUICK-sized models
+in full mode, a few updates): the table and its scores, the language pair in every path and in the report, the
+cleaning counts, the repository's docs/DEMO.md left alone, the students trained two at a time, a second run
+that reuses every step; and one-line errors for malformed TSVs and bad flags."""
 import os
 import random
 import re
@@ -10,41 +12,78 @@ import pytest
 
 from helpers import REPO
 
+sys.path.insert(0, os.path.join(REPO, "examples"))
+import build_corpus  # noqa: E402
+
 DEMO = os.path.join(REPO, "examples", "demo.py")
+DEMO_MD = os.path.join(REPO, "docs", "DEMO.md")
 STUDENTS = ("plain", "token", "sentence", "hybrid")
 UPDATES = 12
+FR_EN = ["--src-lang", "fr", "--tgt-lang", "en"]
+# the QUICK column of demo.DEFAULTS, given explicitly: a full-mode run (the mode that may write docs/DEMO.md)
+TINY = ["--teacher-layers", "1", "--teacher-dim", "64", "--teacher-ffn", "256", "--teacher-heads", "2",
+        "--student-dim", "32", "--student-ffn", "64", "--teacher-epochs", "1", "--warmup", "50"]
+MIS_SPLIT = " ".join("phrase%d coupée ici." % i for i in range(1380))[:17891]  # a mis-split line: 17,891 characters
+# dirty pairs appended to the generated corpus: what cleaning drops them for
+DIRTY = [("\tword1 word2", "empty"), (MIS_SPLIT + "\tword3 word4", "tokens"),
+         ("x" * 1501 + "\tword5", "chars"), ("mot1\t" + " ".join(["word1"] * 10), "ratio"),
+         ("same words\tsame words", "untranslated")]
 
 
-def write_tsv(path, n=2000, seed=0):
-    """Toy de<TAB>en pairs: the English side maps wort<i> -> word<i>, word order kept; all pairs distinct."""
+def toy_pairs(n, seed=0):
+    """n distinct toy fr<TAB>en lines: the English side maps mot<i> -> word<i>, word order kept."""
     rng = random.Random(seed)
     seen = {}  # insertion-ordered set
     while len(seen) < n:
         seen[tuple(rng.randrange(60) for _ in range(rng.randint(3, 9)))] = None
-    with open(path, "w") as f:
-        for words in seen:
-            f.write("%s\t%s\n" % (" ".join("wort%d" % w for w in words), " ".join("word%d" % w for w in words)))
+    return ["%s\t%s" % (" ".join("mot%d" % w for w in words), " ".join("word%d" % w for w in words))
+            for words in seen]
 
 
-def demo(work, tsv, *extra):
-    cmd = [sys.executable, DEMO, "--quick", "--work", work, "--data", tsv, "--train-pairs", "300",
+def write_tsv(path, n=2000, seed=0, dirty=False):
+    lines = toy_pairs(n, seed)
+    if dirty:  # the dirty pairs, and a repeat of the first pair
+        lines += [line for line, _ in DIRTY] + lines[:1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+    return lines
+
+
+def demo(work, tsv, *extra, **kw):
+    cmd = [sys.executable, DEMO, "--work", work, "--data", tsv, "--train-pairs", "300",
            "--valid-pairs", "40", "--test-pairs", "40", "--bpe-size", "64", "--max-tokens", "200",
            "--max-update", str(UPDATES), "--jobs", "2", *extra]
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
-                          cwd=REPO)
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.STDOUT), text=True,
+                          timeout=900, cwd=REPO)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The demo run twice in the same work directory: (first, second) CompletedProcess and the work dir."""
+    """The fr-en demo run twice in the same work directory: (first, second) CompletedProcess, work dir, TSV lines.
+    docs/DEMO.md is restored (and the test fails) if a run wrote it."""
     tmp = tmp_path_factory.mktemp("demo")
     tsv, work = str(tmp / "pairs.tsv"), str(tmp / "work")
-    write_tsv(tsv)
-    first = demo(work, tsv)
-    assert first.returncode == 0, first.stdout[-4000:]
-    second = demo(work, tsv)
-    assert second.returncode == 0, second.stdout[-4000:]
-    return first, second, work
+    lines = write_tsv(tsv, dirty=True)
+    before = read(DEMO_MD) if os.path.exists(DEMO_MD) else None
+    try:
+        first = demo(work, tsv, *FR_EN, *TINY)
+        assert first.returncode == 0, first.stdout[-4000:]
+        second = demo(work, tsv, *FR_EN, *TINY)
+        assert second.returncode == 0, second.stdout[-4000:]
+    finally:
+        after = read(DEMO_MD) if os.path.exists(DEMO_MD) else None
+        if after != before and before is None:
+            os.remove(DEMO_MD)
+        elif after != before:
+            with open(DEMO_MD, "w", encoding="utf-8") as f:
+                f.write(before)
+    assert after == before, "a --data run rewrote docs/DEMO.md"
+    return first, second, work, lines
 
 
 def table(output):
@@ -66,20 +105,65 @@ def intervals(output):
 
 
 def test_demo_prints_the_table_of_every_system(runs):
-    first, _, work = runs
+    first, _, work, _ = runs
     rows = table(first.stdout)
     assert list(rows) == ["teacher"] + list(STUDENTS)
     assert all(updates == UPDATES for _, updates, _, _ in rows.values())  # --max-update reached every run
     student_params = {rows[s][0] for s in STUDENTS}
     assert len(student_params) == 1 and student_params.pop() < rows["teacher"][0]
-    assert all(0 <= bleu <= 100 and 0 < chrf <= 100 for _, _, bleu, chrf in rows.values())
     with open(os.path.join(work, "results.md")) as f:
         assert table(f.read()) == rows
     assert "Teacher distillation of train+valid (kd-distill-corpus, beam 2)" in first.stdout
 
 
+def test_scores_are_sacrebleu_of_the_decoded_test_set(runs):
+    """Each BLEU/chrF printed = sacreBLEU recomputed here on fairseq-generate's H- lines (in sentence order)
+    against the test references, which are pairs of the input TSV."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    first, _, work, lines = runs
+    src, refs = (read(os.path.join(work, "corpus", "test." + lang)).splitlines() for lang in ("fr", "en"))
+    assert len(refs) == 40 and set("%s\t%s" % pair for pair in zip(src, refs)) <= set(lines)
+    for name, (_, _, bleu, chrf) in table(first.stdout).items():
+        found = dict(re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", read(os.path.join(work, "logs", "eval-%s.log" % name)),
+                                re.M))
+        hyps = [found[str(i)] for i in range(len(refs))]
+        assert read(os.path.join(work, "eval", "%s.hyp" % name)).splitlines() == hyps
+        assert bleu == pytest.approx(BLEU().corpus_score(hyps, [refs]).score, abs=0.05)
+        assert chrf == pytest.approx(CHRF().corpus_score(hyps, [refs]).score, abs=0.05) and chrf > 0
+
+
+def test_language_pair_names_every_path_and_the_report(runs):
+    first, _, work, _ = runs
+    files = [os.path.relpath(os.path.join(d, f), work) for d, _, fs in os.walk(work) for f in fs]
+    for split in ("train", "valid", "test"):
+        assert {"corpus/%s.fr" % split, "bpe/%s.en" % split, "data-bin/%s.fr-en.fr.bin" % split} <= set(files)
+    assert {"distill/train.fr-en.en.idx", "distill/valid.fr-en.en.idx"} <= set(files)
+    assert not [f for f in files if re.search(r"\bde\b", f)], files
+    report = read(os.path.join(work, "results.md"))
+    assert report.startswith("# kd-plugin demo: fr -> en, `pairs.tsv`\n")
+    assert "- Data: `%s` (fr -> en); train 300 / valid 40 / test 40 pairs" % os.path.join(os.path.dirname(work),
+                                                                                         "pairs.tsv") in report
+    assert "--source-lang fr --target-lang en --gen-subset test" in report
+    assert not re.search(r"\bde\b|German|LibreOffice", first.stdout), first.stdout
+    assert "results in %s\n" % os.path.join(work, "results.md") in first.stdout  # and not docs/DEMO.md
+
+
+def test_dirty_pairs_are_cleaned_and_counted(runs):
+    first, _, work, lines = runs
+    expected = ("%s pairs read, 2,000 kept; dropped 6: 1 empty side, 1 over 250 tokens, 1 over 1500 characters, "
+                "1 length ratio over 9, 1 untranslated (source == target), 1 duplicate pair"
+                % "{:,}".format(len(lines)))
+    assert "- Cleaning (examples/build_corpus.py, Moses clean-corpus-n style): %s\n" % expected \
+        in read(os.path.join(work, "results.md"))
+    assert expected in read(os.path.join(work, "logs", "corpus.log")) and expected in first.stdout
+    corpus = [line for d in ("corpus", "corpus-full") for split in ("train", "valid", "test") for lang in ("fr", "en")
+              for line in read(os.path.join(work, d, "%s.%s" % (split, lang))).splitlines()]
+    assert max(map(len, corpus)) < 100 and "same words" not in corpus  # nothing dirty reached fairseq
+
+
 def test_students_train_two_at_a_time_online_teacher_first(runs):
-    first, _, _ = runs
+    first, _, _, _ = runs
     steps = intervals(first.stdout)
     student_steps = {"%s-%s" % (kind, s): steps["%s-%s" % (kind, s)] for s in STUDENTS for kind in ("train", "eval")}
     # students start only after distillation, and each one's test decoding follows its own training
@@ -95,26 +179,73 @@ def test_students_train_two_at_a_time_online_teacher_first(runs):
 
 
 def test_second_run_reuses_every_step(runs):
-    first, second, _ = runs
-    assert "running ..." not in second.stdout
+    first, second, _, _ = runs
+    assert "running ..." not in second.stdout and "made with other arguments" not in second.stdout
     reused = re.search(r"steps reused from earlier runs \(not in this time\): (.*)$", second.stdout, re.M)
     assert reused and set(reused.group(1).split(", ")) == set(intervals(first.stdout))
     assert table(second.stdout) == table(first.stdout)
 
 
+def test_cleaning_filters_and_their_limits(tmp_path):
+    """Moses clean-corpus-n style: each filter drops just past its limit and keeps the limit itself."""
+    words = lambda n, w="w": " ".join([w] * n)  # noqa: E731
+    keep = [(words(250), words(250, "v")), ("a" * 1500, "b" * 1500), (words(9), "x"), ("x", words(9, "y")),
+            ("  spaced   out ", "fine")]
+    drop = {"empty": [("", "x"), ("x", "   ")], "tokens": [(words(251), words(251, "v")), (MIS_SPLIT, "short")],
+            "chars": [("a" * 1501, "b")], "ratio": [(words(10), "x"), ("x y", words(19, "z"))],
+            "untranslated": [("same", "same")], "duplicate": [("a" * 1500, "b" * 1500)]}
+    pairs = keep + [pair for reason in drop for pair in drop[reason]]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join("%s\t%s\n" % pair for pair in pairs), encoding="utf-8")
+    kept, record = build_corpus.load_tsv(str(tsv), ("fr", "en"))
+    assert kept == [(" ".join(s.split()), " ".join(t.split())) for s, t in keep]
+    assert record == {"read": len(pairs), "kept": len(keep), "dropped": {k: len(v) for k, v in drop.items()},
+                      "limits": {"max_tokens": 250, "max_chars": 1500, "max_ratio": 9.0}}
+    tighter = {"max_tokens": 100, "max_chars": 1000, "max_ratio": 5}
+    _, dropped = build_corpus.clean(kept, **tighter)
+    assert dropped == {"empty": 0, "tokens": 1, "chars": 1, "ratio": 2, "untranslated": 0, "duplicate": 0}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", ": empty file (expected one 'fr<TAB>en' pair per line)"),
+    ("mot1\tword1\nno tab here\n", ":2: expected 'fr<TAB>en', got 1 field(s)"),
+    ("mot1\tword1\tthird\n", ":1: expected 'fr<TAB>en', got 3 field(s)"),
+    (b"mot1\tword1\n\xff\xfe\tx\n", ":2: not UTF-8 text"),
+    ("\n".join(toy_pairs(1400)) + "\n", ": only 1400 pairs: need more than 1000 (test) + 500 (valid)"),
+    ("\n".join(toy_pairs(2000)) + "\n", ": 2,000 pairs read, 2,000 kept; dropped 0; the split gives train 500 / "
+                                        "valid 500 / test 1000 pairs, fewer than --train-pairs 600"),
+], ids=["empty", "no-tab", "three-columns", "not-utf8", "too-few-pairs", "too-few-for-train-pairs"])
+def test_malformed_tsv_is_one_line_naming_the_file(tmp_path, content, message):
+    tsv, work = tmp_path / "pairs.tsv", str(tmp_path / "work")
+    (tsv.write_bytes if isinstance(content, bytes) else tsv.write_text)(content)
+    p = demo(work, str(tsv), *FR_EN, "--train-pairs", "600", stderr=subprocess.PIPE)
+    assert p.returncode == 2 and p.stdout == "" and not os.path.exists(work)
+    assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("demo: error: %s%s" % (tsv, message)), p.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--jobs", "0"], "--jobs must be >= 1 (got 0)"),
+    (["--src-lang", "fr"], "--src-lang/--tgt-lang: the default corpus is de-en; pass --data FILE.tsv for fr-en"),
+    (["--src-lang", "en"], "--src-lang and --tgt-lang are both 'en'"),
+    (["--tgt-lang", "en.x"], "--tgt-lang: 'en.x' is not a language code (letters, digits, _)"),
+    (["--clean-max-ratio", "0.5"], "--clean-max-ratio must be >= 1 (got 0.5)"),
+])
+def test_bad_flag_is_one_clear_error(tmp_path, flags, message):
+    work = str(tmp_path / "work")
+    cmd = [sys.executable, DEMO, "--work", work, *flags]
+    if flags != ["--src-lang", "fr"]:
+        cmd += ["--data", str(tmp_path / "absent.tsv")]  # flags are checked before the file
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 2 and p.stderr.splitlines()[-1] == "demo.py: error: " + message, p.stderr
+    assert not os.path.exists(work)
+
+
 def test_too_big_bpe_vocabulary_is_one_clear_error(tmp_path):
     tsv = str(tmp_path / "pairs.tsv")
     write_tsv(tsv)
-    p = demo(str(tmp_path / "work"), tsv, "--bpe-size", "5000")
+    p = demo(str(tmp_path / "work"), tsv, "--quick", "--bpe-size", "5000")  # de-en by default
     assert p.returncode == 1 and "Traceback" not in p.stdout
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("demo: step bpe failed (--bpe-size 5000): Vocabulary size too high")
+    assert os.path.isfile(str(tmp_path / "work" / "corpus" / "train.de"))
     assert not os.path.exists(str(tmp_path / "work" / "done" / "bpe.json"))
-
-
-def test_bad_jobs_flag_is_one_clear_error(tmp_path):
-    work = str(tmp_path / "work")
-    p = demo(work, str(tmp_path / "absent.tsv"), "--jobs", "0")
-    assert p.returncode == 2
-    assert "--jobs must be >= 1 (got 0)" in p.stdout and "Traceback" not in p.stdout
-    assert not os.path.exists(work)

@@ -1,50 +1,85 @@
 r"""kd-gate-dump: the per-sentence gate g(x) of a hybrid_kd student over a split, as TSV and a plot.
 
     kd-gate-dump --data DATA --path student.pt --split valid --out gate.tsv [--plot gate.png]
-                 [--teacher-path teacher.pt]
+                 [--teacher-path teacher.pt] [--overwrite]
 
 TSV columns: id, gate, src_len, tgt_len, and with --teacher-path the complexity measures
 teacher_entropy (mean per-token entropy of the teacher on the gold prefix, nats), disagreement
 (mean per-token KL(teacher || student), nats) and student_nll (mean per-token gold NLL of the student).
-Prints the Spearman correlation of the gate with each column.
+Prints the Spearman correlation of the gate with each column: the Pearson correlation of the ranks,
+tied values sharing the mean of the ranks they span (:func:`spearman`; lengths tie often).
+
+Like the other console scripts (kd_plugin.cli.common): existing outputs are refused unless --overwrite
+(checked before any work), the TSV and the PNG are written under temporary names and renamed into place,
+and bad input (missing data dir or checkpoint, unknown or empty split, a checkpoint without a learned
+gate) exits with status 2 and one line.
 """
 import argparse
+import contextlib
 import csv
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kd_plugin.checks import KDConfigError
+from kd_plugin.cli import common
+
+PROG = "kd-gate-dump"
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    g = common.add_data_args(p)
+    g.set_defaults(split="valid")
+    g.add_argument("--path", required=True, help="hybrid_kd student checkpoint (with a learned gate)")
+    g.add_argument("--teacher-path", help="teacher checkpoint(s): adds entropy/disagreement columns")
+    g.add_argument("--max-tokens", type=common.positive_int, default=4000)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output TSV")
+    o.add_argument("--plot", help="output PNG: gate histogram and gate vs. source length")
+    o.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
 
 
 def _load(args):
+    """(task with the split loaded, student, gate, teacher or None); KDConfigError on bad input."""
     import kd_plugin  # noqa: F401  (patches, registrations)
-    from fairseq import checkpoint_utils, tasks
     from kd_plugin.gate import build_gate
-    from kd_plugin.teacher import Teacher, read_checkpoint
+    from kd_plugin.teacher import Teacher, load_members, read_checkpoint
 
+    if not os.path.isfile(args.path):
+        raise KDConfigError("--path: checkpoint not found: %s" % args.path)
+    cfg = common.fairseq_config(args.data, args.source_lang, args.target_lang)
     state = read_checkpoint(args.path, "--path")
     crit_cfg = state["cfg"].criterion
     if not state.get("criterion") or not any(k.startswith("gate.") for k in state["criterion"]):
         raise KDConfigError("--path: %s holds no learned gate (train with --criterion hybrid_kd and "
                             "--kd-gate sentence or scalar)" % args.path)
-    task_cfg = state["cfg"].task
-    task_cfg.data = args.data
-    task = tasks.get_task("translation").setup_task(task_cfg)
-    task.load_dataset(args.split)
-    [model], _ = checkpoint_utils.load_model_ensemble([args.path], task=task)
+    task = common.setup_task(cfg)
+    _load_split(task, args.split, args.data)
+    [model], _ = load_members(args.path, task, "--path")
     gate = build_gate(crit_cfg.kd_gate, state["cfg"].model.encoder_embed_dim, crit_cfg.kd_gate_hidden)
     gate.load_state_dict({k[len("gate."):]: v for k, v in state["criterion"].items() if k.startswith("gate.")})
     teacher = Teacher.load(args.teacher_path, task) if args.teacher_path else None
-    return task, model.eval(), gate.eval(), teacher
+    return task, model, gate.eval(), teacher
 
 
-def _rows(task, model, gate, teacher, max_tokens):
+def _load_split(task, split, data):
+    """common.load_split, and one clear error for a split of no sentences (whose empty .bin fairseq
+    cannot even memory-map)."""
+    src, tgt = task.cfg.source_lang, task.cfg.target_lang
+    pairs = ("%s-%s" % (src, tgt), "%s-%s" % (tgt, src))  # fairseq accepts either order
+    first = data.split(":")[0]
+    bins = [os.path.join(first, "%s.%s.%s.bin" % (split, pair, lang)) for pair in pairs for lang in (src, tgt)]
+    if any(os.path.isfile(b) and os.path.getsize(b) == 0 for b in bins) or len(common.load_split(task, split)) == 0:
+        raise KDConfigError("--split: the %s split of %s is empty" % (split, data))
+
+
+def _rows(task, split, model, gate, teacher, max_tokens):
     pad = task.target_dictionary.pad()
-    ds = task.dataset(next(iter(task.datasets)))
+    ds = task.dataset(split)
     itr = task.get_batch_iterator(ds, max_tokens=max_tokens).next_epoch_itr(shuffle=False)
     for sample in itr:
         net = sample["net_input"]
@@ -70,9 +105,24 @@ def _rows(task, model, gate, teacher, max_tokens):
             yield row
 
 
+def average_ranks(x):
+    """1-based ranks of ``x``; a run of tied values gets the mean of the ranks it spans (scipy's 'average')."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    starts_run = np.r_[True, x[order][1:] != x[order][:-1]]
+    first = np.flatnonzero(starts_run)  # 0-based position of each run of ties in sorted order
+    last = np.r_[first[1:], len(x)]  # one past its end
+    ranks = np.empty(len(x))
+    ranks[order] = ((first + 1 + last) / 2.0)[np.cumsum(starts_run) - 1]  # mean of ranks first+1 .. last
+    return ranks
+
+
 def spearman(x, y):
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """Spearman's rho = Pearson correlation of the average ranks of x and y; nan if either is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
 
 
 def plot(rows, path):
@@ -96,43 +146,33 @@ def plot(rows, path):
     b.set_ylabel("gate g(x)")
     b.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="kd-gate-dump", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="binarized data directory")
-    p.add_argument("--path", required=True, help="hybrid_kd student checkpoint")
-    p.add_argument("--split", default="valid")
-    p.add_argument("--out", required=True, help="output TSV")
-    p.add_argument("--plot", help="output PNG: gate histogram and gate vs. source length")
-    p.add_argument("--teacher-path", help="teacher checkpoint(s): adds entropy/disagreement columns")
-    p.add_argument("--max-tokens", type=int, default=4000)
-    args = p.parse_args(argv)
+def dump(args):
+    tsv = common.AtomicOutput(args.out, [""], args.overwrite, "--out")  # refuses existing output before any work
+    png = common.AtomicOutput(args.plot, [""], args.overwrite, "--plot") if args.plot else contextlib.nullcontext()
+    if args.plot and os.path.abspath(args.plot) == os.path.abspath(args.out):
+        raise KDConfigError("--plot and --out are the same file %s" % args.out)
     task, model, gate, teacher = _load(args)
-    rows = sorted(_rows(task, model, gate, teacher, args.max_tokens), key=lambda r: r["id"])
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, args.out)
+    rows = sorted(_rows(task, args.split, model, gate, teacher, args.max_tokens), key=lambda r: r["id"])
     g = np.array([r["gate"] for r in rows])
     print("sentences %d | gate mean %.4f std %.4f min %.4f max %.4f" % (len(g), g.mean(), g.std(), g.min(), g.max()))
     for col in rows[0]:
         if col not in ("id", "gate"):
             print("spearman(gate, %s) = %+.3f" % (col, spearman(g, np.array([r[col] for r in rows]))))
-    if args.plot:
-        plot(rows, args.plot)
+    with tsv, png:  # both renamed into place at the end, or neither
+        with open(tsv.tmp_prefix, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+            w.writeheader()
+            w.writerows(rows)
+        if args.plot:
+            plot(rows, png.tmp_prefix)
 
 
-def cli_main():
-    try:
-        main()
-    except KDConfigError as e:
-        sys.exit("kd-gate-dump: error: %s" % e)
+def cli_main(argv=None):
+    common.run_cli(dump, get_parser().parse_args(argv), PROG)
 
 
 if __name__ == "__main__":
