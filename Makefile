@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kd-setup-done
 SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py
 
-.PHONY: setup test test-fast demo demo-quick bench clean
+.PHONY: setup test test-fast demo demo-quick bench gpu-bundle gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_DEPS)
@@ -13,7 +13,7 @@ $(STAMP): $(SETUP_DEPS)
 	$(VPY) -m pip install -q --upgrade "pip<25" "setuptools<76" wheel
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q "numpy<2.3" hydra-core==1.3.2 omegaconf==2.3.0 bitarray "sacrebleu==2.6.*" regex \
-	    sentencepiece cython pytest matplotlib tensorboardX
+	    sentencepiece cython pytest matplotlib tensorboardX ctranslate2==4.8.5
 	$(VPY) -m pip show -q fairseq 2>/dev/null || $(VPY) -m pip install -q --no-deps fairseq==0.12.2
 	$(VPY) scripts/fairseq_compat.py
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -31,6 +31,16 @@ demo-quick: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_kd.py $(BENCH_ARGS)
+
+# GPU check (docs/GPU.md): gpu-bundle downloads, here, what the offline GPU machine lacks (GPU_PYVER=3.12);
+# gpu-check runs there, in the repository root (the device tool's command: bash scripts/gpu_check.sh)
+GPU_PYVER ?= 3.12
+GPU_BUNDLE ?= .gpu-bundle
+gpu-bundle: setup
+	GPU_PYVER=$(GPU_PYVER) GPU_BUNDLE=$(GPU_BUNDLE) PY=$(VPY) scripts/gpu_bundle.sh
+
+gpu-check:
+	GPU_BUNDLE=$(GPU_BUNDLE) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

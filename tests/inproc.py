@@ -36,3 +36,8 @@ def criterion_loss(task, model, criterion, sample, train=False):
     task.add_teacher_signal(sample, model, criterion)
     with torch.set_grad_enabled(train):
         return criterion(model, sample)
+
+
+def cast_sample(sample, dtype):
+    """What Trainer._prepare_sample does under --fp16 / --bf16: float32 tensors only."""
+    return utils.apply_to_sample(lambda t: t.to(dtype) if t.dtype is torch.float32 else t, sample)

@@ -13,9 +13,8 @@ import copy
 
 import pytest
 import torch
-from fairseq import utils
 
-from inproc import build, first_batch
+from inproc import build, cast_sample, first_batch
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # |half - fp32| / |fp32| bounds for the loss and for the whole gradient (relative L2): fp16 has 11 mantissa
@@ -26,11 +25,6 @@ CASES = {
     "sentence_kd": lambda t, tt: ["--criterion", "sentence_kd", "--teacher-targets", tt],
     "hybrid_kd": lambda t, tt: ["--criterion", "hybrid_kd", "--teacher-path", t, "--teacher-targets", tt],
 }
-
-
-def cast_sample(sample, dtype):
-    """What Trainer._prepare_sample does under --fp16 / --bf16: float32 tensors only."""
-    return utils.apply_to_sample(lambda t: t.to(dtype) if t.dtype is torch.float32 else t, sample)
 
 
 def train_step(task, model, criterion, sample, dtype=None):
