@@ -12,6 +12,17 @@ encoder runs on 2B sentences instead of B. See kd_plugin.gate for why g(x) is de
 trained on a benefit signal instead (the anti-collapse design).
 ``sample_size`` is the gate-weighted token count sum_x g n_gold(x) + (1 - g) n_teacher(x), so fixed:1
 equals token_kd and fixed:0 equals sentence_kd.
+
+--kd-mix gate (the default) is the mix above. Every other --kd-mix is a rule of kd_plugin.mixing: ONE student
+pass (through ``model(...)``) on the teacher-decoded target y^ only, with per-token weights w_t,
+
+    loss = sum_x sum_t (1 - w_t) LS-NLL(y^_t) + w_t T^2 D(p_T(. | y^_<t, x) || q_T(. | y^_<t, x))
+
+p from the teacher run on its own prefixes (sample["teacher_on_targets"]); sample_size = the teacher-target
+token count, so w = 0 equals sentence_kd and w = 1 is pure word-KD on the teacher's prefix. No gate, no
+criterion parameters: the checkpoint decodes with stock fairseq-generate. The --kd-gate* flags and
+--kd-gold-weight belong to the gate (a rule refuses --kd-gold-weight > 0); the token_kd flags (--kd-alpha,
+--kd-temperature, --kd-divergence, --kd-topk, selective KD) keep their meaning on the teacher's prefix.
 """
 from dataclasses import dataclass, field
 
@@ -19,13 +30,15 @@ import torch
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.dataclass import ChoiceEnum
 
 from kd_plugin.checks import KDConfigError
 from kd_plugin.criterions.base import check_range
 from kd_plugin.criterions.sentence_kd import pad_right, teacher_target_sample
 from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
 from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss
-from kd_plugin.signals import TEACHER_TARGET
+from kd_plugin.mixing import MIX_RULES, get_rule
+from kd_plugin.signals import TEACHER_ON_TARGETS, TEACHER_TARGET
 
 
 @dataclass
@@ -38,6 +51,15 @@ class HybridKDConfig(TokenKDConfig):
     kd_gate_warmup: int = field(default=0, metadata={"help": "updates during which the mix uses g = 1/2"})
     kd_gate_momentum: float = field(default=0.99, metadata={"help": "momentum of the losses' running means"})
     kd_gate_hidden: int = field(default=64, metadata={"help": "hidden units of the sentence gate"})
+    kd_mix: ChoiceEnum(["gate"] + list(MIX_RULES)) = field(default="gate", metadata={"help": (
+        "gate: the two-prefix mix by --kd-gate; word (w = --kd-alpha), confidence, entropy, hkd, curriculum: "
+        "one pass on the teacher-decoded target, (1 - w_t) LS-NLL + w_t KD per token (kd_plugin.mixing); "
+        "needs the teacher on its own targets (--teacher-path, or a cache from kd-dump-teacher --targets)")})
+    kd_mix_start: float = field(default=0.0, metadata={"help": "--kd-mix curriculum: KD weight at update 0, in [0, 1]"})
+    kd_mix_end: float = field(default=1.0, metadata={
+        "help": "--kd-mix curriculum: KD weight after the ramp, in [0, 1]"})
+    kd_mix_ramp: int = field(default=1000, metadata={
+        "help": "--kd-mix curriculum: updates of the linear ramp from start to end (>= 0)"})
 
 
 @register_criterion("hybrid_kd", dataclass=HybridKDConfig)
@@ -48,7 +70,8 @@ class HybridKDCriterion(TokenKDCriterion):
                  kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
                  kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000,
                  kd_gate="sentence", kd_gold_weight=0.0, kd_gate_tau=1.0, kd_gate_weight=1.0,
-                 kd_gate_warmup=0, kd_gate_momentum=0.99, kd_gate_hidden=64):
+                 kd_gate_warmup=0, kd_gate_momentum=0.99, kd_gate_hidden=64, kd_mix="gate", kd_mix_start=0.0,
+                 kd_mix_end=1.0, kd_mix_ramp=1000):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, kd_alpha,
                          kd_temperature, kd_divergence, kd_js_beta, kd_skew_lambda, kd_topk, kd_select,
                          kd_select_rate, kd_select_queue)
@@ -59,13 +82,33 @@ class HybridKDCriterion(TokenKDCriterion):
         check_range("--kd-gold-weight", kd_gold_weight, 0, float("inf"))
         check_range("--kd-gate-tau", kd_gate_tau, 0, float("inf"), lo_open=True)
         check_range("--kd-gate-momentum", kd_gate_momentum, 0, 1)
+        check_range("--kd-gate-weight", kd_gate_weight, 0, float("inf"))
+        check_range("--kd-gate-warmup", kd_gate_warmup, 0, float("inf"))
+        check_range("--kd-gate-hidden", kd_gate_hidden, 1, float("inf"))
+        self.num_updates = 0
+        self.mix = str(kd_mix)
+        if self.mix != "gate":
+            self.init_rule(kd_gold_weight, kd_mix_start, kd_mix_end, kd_mix_ramp)
+            return
         try:
             self.gate = build_gate(kd_gate, getattr(task, "student_dim", None), kd_gate_hidden)
         except ValueError as e:
             raise KDConfigError(str(e)) from None
         self.benefit = BenefitTarget(kd_gate_tau, kd_gate_momentum)
         self.gold_weight, self.gate_weight, self.gate_warmup = kd_gold_weight, kd_gate_weight, kd_gate_warmup
-        self.num_updates = 0
+
+    def init_rule(self, gold_weight, start, end, ramp):
+        """A kd_plugin.mixing rule: the student runs on the teacher's prefix only, with its signal there."""
+        if gold_weight:
+            raise KDConfigError("--kd-gold-weight needs --kd-mix gate (the rules never run the gold target)")
+        check_range("--kd-mix-start", start, 0, 1)
+        check_range("--kd-mix-end", end, 0, 1)
+        check_range("--kd-mix-ramp", ramp, 0, float("inf"))
+        self.rule = get_rule(self.mix)
+        self.rule_args = {"alpha": self.alpha, "start": start, "end": end, "ramp": ramp}
+        self.teacher_signals = ("logits_on_targets", "targets")
+        self.gold_targets = False  # batching counts the teacher-decoded lengths only
+        self.gate = self.benefit = None
 
     def set_num_updates(self, num_updates):
         self.num_updates = num_updates
@@ -101,7 +144,35 @@ class HybridKDCriterion(TokenKDCriterion):
         return ((logits[:bsz, :gold_prev.size(1)], extra), (logits[bsz:, :sent_prev.size(1)], extra),
                 enc["encoder_out"][0][:, :bsz], mask)
 
+    def rule_forward(self, model, sample):
+        """loss = sum_t (1 - w_t) LS-NLL(y^_t) + w_t KD_t on the teacher prefix, w from the --kd-mix rule."""
+        self.require(sample, TEACHER_TARGET)
+        if TEACHER_ON_TARGETS not in sample:
+            raise KDConfigError("hybrid_kd --kd-mix %s needs the teacher on its decoded targets: use --task "
+                                "translation_kd with --teacher-path, or a --teacher-cache made by kd-dump-teacher "
+                                "--targets DISTILL" % self.mix)
+        teacher, sent = sample[TEACHER_ON_TARGETS], teacher_target_sample(sample, self.padding_idx)
+        net_output = model(**sent["net_input"])
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        target, bsz = sent["target"], sent["target"].size(0)
+        kd = self.kd_per_token(net_output[0], lprobs, target, teacher)
+        ls, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps,
+                                          ignore_index=self.padding_idx, reduce=False)
+        ls, nll = ls.view(bsz, -1), nll.view(bsz, -1)
+        w = self.rule(mask=target.ne(self.padding_idx), teacher=teacher, target=target,
+                      student_lprob=-nll.detach(), vocab_size=lprobs.size(-1), num_updates=self.num_updates,
+                      **self.rule_args)
+        loss = ((1 - w) * ls + w * kd).sum()
+        sample_size = float(bsz) if self.sentence_avg else sent["ntokens"]
+        logging_output = {
+            "loss": loss.data, "nll_loss": nll.sum().data, "kd_loss": kd.sum().data, "ntokens": sent["ntokens"],
+            "nsentences": bsz, "sample_size": sample_size, "mix_weight": w.sum().item(),
+        }
+        return loss, sample_size, logging_output
+
     def forward(self, model, sample, reduce=True):
+        if self.mix != "gate":
+            return self.rule_forward(model, sample)
         self.require(sample, TEACHER_TARGET)
         sent = teacher_target_sample(sample, self.padding_idx)
         out_tok, out_sent, enc_states, padding_mask = self.student_pass(model, sample, sent)
@@ -145,6 +216,10 @@ class HybridKDCriterion(TokenKDCriterion):
     def reduce_metrics(cls, logging_outputs):
         super().reduce_metrics(logging_outputs)
         cls.log_per_token("sent_nll_loss", logging_outputs, "teacher_ntokens")
+        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+        if ntokens > 0 and any("mix_weight" in log for log in logging_outputs):  # mean w_t of a --kd-mix rule
+            metrics.log_scalar("mix_weight", sum(log.get("mix_weight", 0) for log in logging_outputs) / ntokens,
+                               ntokens, round=3)
         n = sum(log.get("nsentences", 0) for log in logging_outputs)
         for name in ("gate", "gate_target"):
             if n > 0 and any(name in log for log in logging_outputs):

@@ -17,8 +17,9 @@ class TeacherTargets:
 
     key = TEACHER_TARGET
 
-    def __init__(self, dataset, dictionary, left_pad=False):
+    def __init__(self, dataset, dictionary, left_pad=False, prefix=None):
         self.dataset, self.dictionary, self.left_pad = dataset, dictionary, left_pad
+        self.prefix = prefix  # {prefix}.bin/.idx on disk (a cache dumped on these targets names their md5)
         self.sizes = np.asarray(dataset.sizes)
 
     def __getitem__(self, index):

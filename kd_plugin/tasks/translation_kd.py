@@ -4,9 +4,13 @@ Signals (documented keys, see kd_plugin.signals):
   sample["teacher"]            token-level teacher log-probs on the gold prefix: online from
                                ``--teacher-path`` (run in train_step/valid_step) or read from ``--teacher-cache``;
   sample["teacher_target"]     teacher-decoded targets from ``--teacher-targets`` (kd-distill-corpus output),
-  sample["teacher_net_input"]  with their ``prev_output_tokens``.
-A criterion declares what it needs in ``teacher_signals`` ({"logits", "targets"}) and the top-K it wants
-in ``teacher_topk``; the task checks this at start-up and only runs the teacher when it is needed.
+  sample["teacher_net_input"]  with their ``prev_output_tokens``;
+  sample["teacher_on_targets"] token-level teacher log-probs on its own decoded targets (aligned with
+                               sample["teacher_target"]): online, the teacher run on src + teacher_net_input, or
+                               read from a --teacher-cache dumped with kd-dump-teacher --targets.
+A criterion declares what it needs in ``teacher_signals`` ({"logits", "logits_on_targets", "targets"}) and
+the top-K it wants in ``teacher_topk``; the task checks this at start-up and only runs the teacher when it is
+needed.
 """
 import json
 import logging
@@ -22,7 +26,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
 from kd_plugin.data.kd_dataset import KDLanguagePairDataset, TeacherTargets
-from kd_plugin.signals import TEACHER
+from kd_plugin.signals import TEACHER, TEACHER_NET_INPUT, TEACHER_ON_TARGETS, TEACHER_TARGET
 from kd_plugin.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -53,23 +57,23 @@ def teacher_targets_prefix(directory, split, src, tgt):
     return os.path.join(directory, "%s.%s-%s.%s" % (split, src, tgt, tgt))
 
 
-def load_teacher_targets(directory, split, src, tgt, dictionary, expected_len, left_pad):
+def load_teacher_targets(directory, split, src, tgt, dictionary, expected_len, left_pad, flag="--teacher-targets"):
     """Teacher-decoded targets for ``split``, checked against the split and the target dictionary."""
     prefix = teacher_targets_prefix(directory, split, src, tgt)
     ds = data_utils.load_indexed_dataset(prefix, dictionary)
     if ds is None:
-        raise KDConfigError("--teacher-targets: no teacher-decoded %s split at %s.{bin,idx} "
-                            "(make it with kd-distill-corpus --split %s)" % (split, prefix, split))
+        raise KDConfigError("%s: no teacher-decoded %s split at %s.{bin,idx} "
+                            "(make it with kd-distill-corpus --split %s)" % (flag, split, prefix, split))
     if len(ds) != expected_len:
-        raise KDConfigError("--teacher-targets: %s.bin holds %d sentences but the %s split has %d"
-                            % (prefix, len(ds), split, expected_len))
+        raise KDConfigError("%s: %s.bin holds %d sentences but the %s split has %d"
+                            % (flag, prefix, len(ds), split, expected_len))
     meta_file = prefix + ".json"
     if os.path.isfile(meta_file):
         with open(meta_file) as f:
             meta = json.load(f)
         if meta.get("dictionary_md5") not in (None, dictionary_checksum(dictionary)):
-            raise KDConfigError("--teacher-targets: %s was built with another target dictionary" % meta_file)
-    return TeacherTargets(ds, dictionary, left_pad)
+            raise KDConfigError("%s: %s was built with another target dictionary" % (flag, meta_file))
+    return TeacherTargets(ds, dictionary, left_pad, prefix)
 
 
 @register_task("translation_kd", dataclass=TranslationKDConfig)
@@ -84,6 +88,7 @@ class TranslationKDTask(TranslationTask):
         self.teacher = None
         self.student_dim = None
         self.gold_targets = True  # set by build_criterion: does the criterion train on gold targets?
+        self.criterion_needs = None  # set by build_criterion: its teacher_signals
 
     def teacher_dirs(self, flag):
         """The directories given to ``flag`` (colon-separated), one per data directory: fairseq trains epoch e
@@ -122,10 +127,19 @@ class TranslationKDTask(TranslationTask):
                 self.tgt_dict, len(self.datasets[split]), self.cfg.left_pad_target))
         caches = self.teacher_dirs("--teacher-cache")
         if caches:
-            from kd_plugin.data.teacher_cache import load_teacher_cache
+            from kd_plugin.data.teacher_cache import has_cache, load_teacher_cache, load_teacher_cache_on_targets
 
-            extras.append(load_teacher_cache(caches[(epoch - 1) % len(caches)], split, self.datasets[split],
-                                             self.tgt_dict))
+            # the store(s) the criterion reads (both present ones before it is built, e.g. for valid); the
+            # gold-prefix store is required unless the directory only holds one on the teacher's targets
+            cache, needs = caches[(epoch - 1) % len(caches)], self.criterion_needs
+            on_targets = None
+            if needs is None or "logits_on_targets" in needs:
+                on_targets = load_teacher_cache_on_targets(cache, split, extras[0] if targets_dir else None,
+                                                           self.tgt_dict)
+            if on_targets is None or (has_cache(cache, split) and (needs is None or "logits" in needs)):
+                extras.append(load_teacher_cache(cache, split, self.datasets[split], self.tgt_dict))
+            if on_targets is not None:
+                extras.append(on_targets)
         if extras:
             self.datasets[split] = KDLanguagePairDataset(self.datasets[split], extras, self.gold_targets)
 
@@ -137,10 +151,14 @@ class TranslationKDTask(TranslationTask):
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
         needs = set(getattr(criterion, "teacher_signals", ()))
+        self.criterion_needs = needs
         name = getattr(cfg, "_name", type(criterion).__name__)
         if "logits" in needs and not (self.cfg.teacher_path or self.cfg.teacher_cache):
             raise KDConfigError("criterion %s needs teacher logits: pass --teacher-path (online teacher) or "
                                 "--teacher-cache (made by kd-dump-teacher)" % name)
+        if "logits_on_targets" in needs and not (self.cfg.teacher_path or self.cfg.teacher_cache):
+            raise KDConfigError("criterion %s needs the teacher on its decoded targets: pass --teacher-path "
+                                "(online teacher) or --teacher-cache made by kd-dump-teacher --targets" % name)
         if "targets" in needs and not self.targets_dir():
             raise KDConfigError("criterion %s needs teacher-decoded targets: pass --teacher-targets DIR "
                                 "(made by kd-distill-corpus)" % name)
@@ -149,7 +167,15 @@ class TranslationKDTask(TranslationTask):
 
             for cache in self.teacher_dirs("--teacher-cache"):
                 check_cache_topk(cache, getattr(criterion, "teacher_topk", 0))
-        if "logits" in needs and not self.cfg.teacher_cache and self.teacher is None:
+        if "logits_on_targets" in needs and self.cfg.teacher_cache:
+            from kd_plugin.data.teacher_cache import check_cache_topk, require_cache_on_targets
+
+            splits = {self.cfg.train_subset} | set(self.datasets)  # valid is loaded before the criterion
+            for cache in self.teacher_dirs("--teacher-cache"):
+                for split in sorted(splits):
+                    require_cache_on_targets(cache, split, name)
+                check_cache_topk(cache, getattr(criterion, "teacher_topk", 0), on_targets=True)
+        if needs & {"logits", "logits_on_targets"} and not self.cfg.teacher_cache and self.teacher is None:
             self.teacher = Teacher.load(self.cfg.teacher_path, self)
         # batch by the targets the loss really runs on (datasets loaded before, e.g. valid, are updated)
         self.gold_targets = getattr(criterion, "gold_targets", True)
@@ -159,13 +185,17 @@ class TranslationKDTask(TranslationTask):
         return criterion
 
     def add_teacher_signal(self, sample, model, criterion):
-        """Run the online teacher on the batch if the criterion needs its logits."""
+        """Run the online teacher on the batch if the criterion needs its logits: on the gold prefixes
+        ("logits") and / or on the teacher-decoded ones ("logits_on_targets")."""
         criterion = unwrap_criterion(criterion)
-        if (self.teacher is None or not sample or TEACHER in sample
-                or "logits" not in getattr(criterion, "teacher_signals", ())):
+        if self.teacher is None or not sample:
             return
-        sample[TEACHER] = self.teacher.signal(sample["net_input"], model,
-                                              topk=getattr(criterion, "teacher_topk", 0))
+        needs, topk = getattr(criterion, "teacher_signals", ()), getattr(criterion, "teacher_topk", 0)
+        if "logits" in needs and TEACHER not in sample:
+            sample[TEACHER] = self.teacher.signal(sample["net_input"], model, topk=topk)
+        if "logits_on_targets" in needs and TEACHER_ON_TARGETS not in sample and TEACHER_TARGET in sample:
+            net_input = dict(sample["net_input"], prev_output_tokens=sample[TEACHER_NET_INPUT]["prev_output_tokens"])
+            sample[TEACHER_ON_TARGETS] = self.teacher.signal(net_input, model, topk=topk)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         self.add_teacher_signal(sample, model, criterion)
