@@ -177,10 +177,10 @@ CASES = {
     "sentence_kd_no_targets": (lambda p, t: ["--criterion", "sentence_kd"],
                                lambda p, t: ["criterion sentence_kd needs teacher-decoded targets",
                                              "--teacher-targets"], False),
-    # the stock task provides no teacher signal: the criterion's own message, in the first update
+    # the stock task serves no teacher signal: refused when the criterion is built
     "token_kd_stock_task": (lambda p, t: TOKEN + ["--task", "translation"],
-                            lambda p, t: ["criterion TokenKDCriterion needs teacher logits",
-                                          "use --task translation_kd"], True),
+                            lambda p, t: ["--criterion token_kd needs --task translation_kd",
+                                          "got --task translation"], False),
 }
 
 
@@ -271,3 +271,43 @@ def test_bad_input_is_refused_clearly(case, outcomes, inputs, teacher):
     written = sorted(f for f in os.listdir(save) if f.endswith(".pt")) if os.path.isdir(save) else []
     assert written == (["crash.pt"] if in_update else []), written
     assert "train_inner" not in log and "loss=nan" not in log and "| valid on" not in log
+
+
+# every range-checked flag of the three criteria, with values just outside its range, NaN for the real ones
+# (criterion, flag, bad value, extra flags the flag needs to take effect)
+FLAG_CASES = [("token_kd", "--kd-alpha", v, ()) for v in ("-0.1", "1.5", "nan")]
+FLAG_CASES += [("token_kd", "--kd-temperature", v, ()) for v in ("0", "-1", "nan")]
+FLAG_CASES += [("token_kd", "--kd-js-beta", v, ()) for v in ("-0.1", "1.1", "nan")]
+FLAG_CASES += [("token_kd", "--kd-skew-lambda", v, ()) for v in ("-0.1", "1.1", "nan")]
+FLAG_CASES += [("token_kd", "--kd-topk", v, ()) for v in ("-1", "49")]  # the toy target vocabulary has 48 types
+FLAG_CASES += [("token_kd", "--kd-select-rate", v, ("--kd-select", "batch")) for v in ("0", "1.5", "nan")]
+FLAG_CASES += [("token_kd", "--kd-select-queue", v, ("--kd-select", "global")) for v in ("0", "-1")]
+FLAG_CASES += [("sentence_kd", "--kd-gold-mix", v, ()) for v in ("-0.1", "1.1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-alpha", "1.5", ()), ("hybrid_kd", "--kd-temperature", "0", ())]
+FLAG_CASES += [("hybrid_kd", "--kd-gold-weight", v, ()) for v in ("-1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-tau", v, ()) for v in ("0", "-1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-weight", v, ()) for v in ("-1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-momentum", v, ()) for v in ("-0.1", "1.1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-warmup", "-1", ())]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-hidden", v, ()) for v in ("0", "-1")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("nope", "fixed:1.5", "fixed:-0.5", "fixed:x", "fixed:nan")]
+CURRICULUM = ("--kd-mix", "curriculum")
+FLAG_CASES += [("hybrid_kd", f, v, CURRICULUM)
+               for f in ("--kd-mix-start", "--kd-mix-end") for v in ("-0.1", "1.1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-mix-ramp", "-1", CURRICULUM), ("hybrid_kd", "--kd-gold-weight", "0.5", CURRICULUM)]
+
+
+@pytest.mark.parametrize("criterion,flag,value,extra", FLAG_CASES,
+                         ids=["%s%s=%s" % (c, f[4:], v) for c, f, v, _ in FLAG_CASES])
+def test_criterion_flag_out_of_range_is_refused_naming_it(data_bin, criterion, flag, value, extra):
+    """In-process (the criterion is built before the task looks for a teacher, so none is given): one
+    KDConfigError, one line, naming the flag. A flag whose range is not checked fails here with another
+    error (the missing teacher signal) or none."""
+    from inproc import build
+
+    from kd_plugin.checks import KDConfigError
+
+    with pytest.raises(KDConfigError) as e:
+        build(data_bin, "--task", "translation_kd", "--criterion", criterion, flag, value, *extra)
+    message = str(e.value)
+    assert flag in message and "\n" not in message, message

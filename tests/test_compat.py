@@ -76,7 +76,11 @@ def test_eval_mode_encoder_on_a_padded_batch():
     cfg = TransformerConfig()
     cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.layers = 16, 32, 2
     enc = TransformerEncoderBase(cfg, d, torch.nn.Embedding(len(d), 16, padding_idx=d.pad())).eval()
-    transformer_layer.TransformerEncoderLayerBase.can_use_fastpath.fget  # the plugin's read-only property
+    enc.layers[0].can_use_fastpath = True
+    assert [layer.can_use_fastpath for layer in enc.layers] == [False, False]
+    # the plugin's property: always False, assignments (fairseq's own, in __init__ and eval) are ignored
+    fast_path = transformer_layer.TransformerEncoderLayerBase.__dict__["can_use_fastpath"]
+    assert isinstance(fast_path, property) and fast_path.fget(None) is False
     tokens = torch.tensor([[d.pad(), 5, 6, 2], [4, 5, 6, 2]])
     with torch.no_grad():
         out = enc(tokens, src_lengths=torch.tensor([3, 4]))

@@ -248,3 +248,56 @@ def test_teacher_zero_probabilities(name, params):
     (g_want,) = torch.autograd.grad(want.sum(), zs)
     torch.testing.assert_close(d, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g, g_want, rtol=1e-9, atol=1e-12)
+
+
+# ---- full_vocab_divergence: the chunked, hand-differentiated path the criteria use over the full vocabulary
+
+
+def masked_batch(seed=81):
+    """float64 student logits and teacher log-probs (3 x 4 x 7) and a mask excluding 5 of the 12 rows."""
+    zs, zt = pair((3, 4, 7), 2.0, False, seed=seed)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    return zs, F.log_softmax(zt, -1), mask
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name,params", CASES, ids=IDS)
+def test_full_vocab_divergence_chunked_value_and_gradient(name, params, temperature, monkeypatch):
+    """float64, 2 rows per chunk (6 chunks), masked rows: values equal the plain computation of
+    aligned_log_probs (masked rows, log_softmax(. / T)) + the divergence, gradients w.r.t. the student's
+    logits (through the log_softmax that makes lq, as in the criteria) equal autograd of that reference and
+    pass gradcheck; excluded rows get an exactly zero gradient, also when they hold NaN."""
+    from kd_plugin import divergences
+
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 14)
+    assert len(divergences._chunks(12, 7)) == 6
+    fn, kw, t = DIVERGENCES[name], kwargs_of(params), temperature
+    zs, lp, mask = masked_batch()
+
+    def chunked(z):
+        return divergences.full_vocab_divergence(fn, F.log_softmax(z, -1), lp, mask, t, **kw)
+
+    def reference(z):  # aligned_log_probs without its float32 cast
+        return fn(F.log_softmax(lp[mask] / t, -1), F.log_softmax(F.log_softmax(z, -1)[mask] / t, -1), **kw)
+
+    z = zs.clone().requires_grad_(True)
+    got, want = chunked(z), reference(z)
+    assert got.dtype == torch.float64 and got.shape == (int(mask.sum()),)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    weights = torch.linspace(0.5, 2.0, got.numel(), dtype=torch.float64)  # not just the sum
+    (g_got,) = torch.autograd.grad((weights * got).sum(), z)
+    (g_want,) = torch.autograd.grad((weights * want).sum(), z)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-14)
+    assert g_got[mask].abs().sum() > 0 and g_got[~mask].eq(0).all()
+    assert torch.autograd.gradcheck(chunked, (zs.clone().requires_grad_(True),), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+    # w.r.t. the log-probs themselves: excluded rows exactly 0 even where they are not finite
+    lq = F.log_softmax(zs, -1)
+    lq[~mask] = float("nan")
+    lq.requires_grad_(True)
+    lp_nan = lp.clone()
+    lp_nan[~mask] = float("nan")
+    d = divergences.full_vocab_divergence(fn, lq, lp_nan, mask, t, **kw)
+    torch.testing.assert_close(d, want.detach(), rtol=1e-12, atol=1e-14)
+    (g,) = torch.autograd.grad(d.sum(), lq)
+    assert g[~mask].eq(0).all() and torch.isfinite(g).all()

@@ -1,12 +1,15 @@
 """hybrid_kd: gate ends equal token_kd / sentence_kd, the gate learns, is checkpointed, and does not collapse."""
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import kd_train, load_state, run
 from inproc import build, criterion_loss, first_batch
 from kd_plugin.gate import BenefitTarget
+from test_token_kd import ls_nll_float64
 
 
 def _build(data_bin, teacher, teacher_targets, criterion, *extra):
@@ -26,25 +29,45 @@ def test_fixed_gate_ends_equal_token_and_sentence_kd(data_bin, teacher, teacher_
     assert log["gate"] == pytest.approx(float(value) * sample["target"].size(0))
 
 
-def test_gate_receives_gradients_and_mix_does_not(data_bin, teacher, teacher_targets):
+def _capture(module, store, key):
+    """Keep ``module``'s last output in ``store[key]`` (a forward hook)."""
+    return module.register_forward_hook(lambda m, args, out: store.__setitem__(key, out))
+
+
+def test_gate_gradient_is_its_bce_alone_and_mix_gives_none(data_bin, teacher, teacher_targets):
+    """The gate's parameters get exactly the gradient of lambda_g * BCE(sigmoid(z), t) * sample_size / B (the
+    BCE per sentence once fairseq divides by sample_size), nothing from the mix; with lambda_g = 0, none at all.
+    The gate's input is detached: its BCE does not reach the student."""
     _, task, model, hybrid = _build(data_bin, teacher, teacher_targets, "hybrid_kd")
     sample = first_batch(task)
-    hybrid.benefit.mean_tok.fill_(1.0)
-    hybrid.benefit.mean_sent.fill_(1.0)
+    bsz = sample["target"].size(0)
+    seen = {}
+    _capture(hybrid.gate, seen, "logits")
+    _capture(hybrid.benefit, seen, "target")
+    params = [p for _, p in sorted(hybrid.gate.named_parameters())]
+    # a gate that is not 1/2 everywhere, so the mix's d/dg = L_token - L_sentence would reach it
+    torch.nn.init.normal_(hybrid.gate.out.weight, std=0.5)
     torch.manual_seed(0)  # same dropout masks in both passes
-    loss, _, _ = criterion_loss(task, model, hybrid, sample, train=True)
+    loss, size, _ = criterion_loss(task, model, hybrid, sample, train=True)
+    got = torch.autograd.grad(loss, params, retain_graph=True)
+    z, t = seen["logits"].double(), seen["target"].double()
+    assert t.std() > 0.05 and z.std() > 0.01
+    bce = -(t * F.logsigmoid(z) + (1 - t) * F.logsigmoid(-z)).sum()
+    want = torch.autograd.grad(bce * size / bsz, params, retain_graph=True)
+    for g, w in zip(got, want):  # float32 loss vs float64 reference: tolerance relative to the largest entry
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    assert want[-1].abs().sum() > 0  # the output layer learns
     loss.backward()
-    grads = {n: p.grad for n, p in hybrid.named_parameters()}
-    assert grads and all(g is not None for g in grads.values())
-    assert grads["gate.out.weight"].abs().sum() > 0
-    # the gate's input is detached: its BCE does not reach the student's encoder
     enc_grad = model.encoder.embed_tokens.weight.grad.clone()
+
     model.zero_grad()
     hybrid.gate_weight = 0.0
     torch.manual_seed(0)
     loss, _, _ = criterion_loss(task, model, hybrid, sample, train=True)
+    got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    assert all(g is None or not g.any() for g in got)
     loss.backward()
-    assert torch.allclose(enc_grad, model.encoder.embed_tokens.weight.grad, atol=1e-6)
+    torch.testing.assert_close(model.encoder.embed_tokens.weight.grad, enc_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_benefit_target_is_scale_free():
@@ -54,6 +77,125 @@ def test_benefit_target_is_scale_free():
     assert torch.allclose(a(d_tok, d_sent), b(1000 * d_tok, d_sent), atol=1e-6)
     t = a(d_tok, d_sent)
     assert 0.35 < t.mean() < 0.65 and t.std() > 0.02
+
+
+def test_benefit_target_running_means_and_one_sentence_by_hand():
+    """float64 hand computation: E[.] starts at the first batch mean, then E <- m E + (1 - m) mean(batch);
+    t = sigmoid((r - mean r) / (std r + 1e-6) / tau), r = d_sent / E[d_sent] - d_tok / E[d_tok], std unbiased;
+    update=False leaves the means alone; a single sentence gets t = 1/2 (and still updates the means)."""
+    tau, momentum = 0.5, 0.9
+    target = BenefitTarget(tau, momentum)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(n, generator=g) * s + 0.1, torch.rand(n, generator=g) + 0.2)
+               for n, s in ((6, 1.0), (5, 3.0), (7, 0.5))]
+    e_tok = e_sent = None
+
+    def step(e, x):
+        return x.double().mean() if e is None else momentum * e + (1 - momentum) * x.double().mean()
+
+    for i, (d_tok, d_sent) in enumerate(batches + [batches[0]]):
+        update = i < 3
+        got = target(d_tok, d_sent, update=update)
+        if update:
+            e_tok, e_sent = step(e_tok, d_tok), step(e_sent, d_sent)
+        r = d_sent.double() / e_sent - d_tok.double() / e_tok
+        want = torch.sigmoid((r - r.mean()) / (r.std() + 1e-6) / tau)
+        assert target.mean_tok.item() == pytest.approx(e_tok.item(), rel=1e-6)
+        assert target.mean_sent.item() == pytest.approx(e_sent.item(), rel=1e-6)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert e_tok.item() != pytest.approx(batches[2][0].double().mean().item(), rel=1e-2)  # momentum mattered
+
+    for update in (False, True):
+        got = target(torch.tensor([0.7]), torch.tensor([2.0]), update=update)
+        assert got.tolist() == [0.5]
+    e_tok, e_sent = momentum * e_tok + (1 - momentum) * 0.7, momentum * e_sent + (1 - momentum) * 2.0
+    assert target.mean_tok.item() == pytest.approx(e_tok.item(), rel=1e-6)
+    assert target.mean_sent.item() == pytest.approx(e_sent.item(), rel=1e-6)
+
+
+def _fixed_loss(data_bin, teacher, teacher_targets, model, sample, value, *extra):
+    """The loss of hybrid_kd with the gate fixed at ``value``, on ``model`` and ``sample``, eval mode."""
+    _, task, _, crit = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--kd-gate", "fixed:%r" % value,
+                              "--dropout", "0", *extra)
+    return criterion_loss(task, model, crit, sample)
+
+
+def test_scalar_gate_mixes_with_its_one_logit(data_bin, teacher, teacher_targets):
+    """--kd-gate scalar: one parameter; every sentence mixed with sigmoid(logit); its gradient is the BCE's."""
+    _, task, model, hybrid = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--kd-gate", "scalar",
+                                    "--dropout", "0")
+    assert [n for n, _ in hybrid.named_parameters()] == ["gate.logit"]
+    hybrid.gate.logit.data.fill_(1.2)
+    g = torch.sigmoid(torch.tensor(1.2, dtype=torch.float64)).item()
+    sample = first_batch(task)
+    bsz = sample["target"].size(0)
+    seen = {}
+    _capture(hybrid.benefit, seen, "target")
+    loss, size, log = criterion_loss(task, model, hybrid, sample, train=True)
+    assert log["gate"] == pytest.approx(g * bsz) and log["gate_sq"] == pytest.approx(g * g * bsz)
+    (grad,) = torch.autograd.grad(loss, [hybrid.gate.logit])
+    want = (g - seen["target"].double()).sum() * size / bsz  # d BCE / d logit, times the per-sentence scale
+    assert grad.item() == pytest.approx(want.item(), rel=1e-5)
+
+    hybrid.gate_weight = 0.0
+    loss, size, _ = criterion_loss(task, model, hybrid, sample, train=True)
+    ref, ref_size, _ = _fixed_loss(data_bin, teacher, teacher_targets, model, sample, g)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6) and size == pytest.approx(ref_size)
+
+
+def test_gate_warmup_mixes_half_then_the_gate(data_bin, teacher, teacher_targets):
+    """--kd-gate-warmup 5 through the task's train_step (which tells the criterion the update number):
+    g = 1/2 at updates 0-4, the gate's own value from update 5 on, and in validation."""
+    _, task, model, hybrid = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--kd-gate", "scalar",
+                                    "--kd-gate-warmup", "5", "--kd-gate-weight", "0", "--dropout", "0")
+    hybrid.gate.logit.data.fill_(1.2)
+    g = torch.sigmoid(torch.tensor(1.2, dtype=torch.float64)).item()
+    sample = first_batch(task)
+    bsz = sample["target"].size(0)
+    optimizer = SimpleNamespace(backward=lambda loss: loss.backward())
+    hybrid.train()
+    mixes = {}
+    for update in (0, 4, 5, 9):
+        loss, size, log = task.train_step(dict(sample), model, hybrid, optimizer, update)
+        mixes[update] = (log["gate"] / bsz, loss.item(), size)
+    assert [mixes[u][0] for u in (0, 4, 5, 9)] == pytest.approx([0.5, 0.5, g, g], rel=1e-6)
+    for update, value in ((4, 0.5), (5, g)):
+        ref, ref_size, _ = _fixed_loss(data_bin, teacher, teacher_targets, model, sample, value)
+        assert mixes[update][1] == pytest.approx(ref.item(), rel=1e-6) and mixes[update][2] == pytest.approx(ref_size)
+    hybrid.set_num_updates(0)
+    _, _, log = criterion_loss(task, model, hybrid, sample, train=False)
+    assert log["gate"] == pytest.approx(g * bsz)
+
+
+def test_gold_weight_adds_exactly_w_gold_ls_nll(data_bin, teacher, teacher_targets):
+    """--kd-gold-weight 0.5 adds 0.5 * LS-NLL(gold), recomputed in float64 from the student's logits."""
+    _, task, model, _ = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--dropout", "0")
+    sample = first_batch(task)
+    base, size, _ = _fixed_loss(data_bin, teacher, teacher_targets, model, sample, 0.3)
+    more, more_size, _ = _fixed_loss(data_bin, teacher, teacher_targets, model, sample, 0.3, "--kd-gold-weight", "0.5")
+    with torch.no_grad():
+        logits = model(**sample["net_input"])[0]
+    gold = ls_nll_float64(logits, sample["target"], task.target_dictionary.pad(), 0.1)
+    assert more.item() - base.item() == pytest.approx(0.5 * gold.item(), rel=1e-4)
+    assert more_size == size
+
+
+@pytest.mark.parametrize("gate", ["fixed:0.3", "sentence"])
+def test_sentence_avg_sample_size_is_the_number_of_sentences(data_bin, teacher, teacher_targets, gate):
+    """--sentence-avg: sample_size = B (not the gate-weighted token count); a fixed-gate loss is unchanged."""
+    _, task, model, crit = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--kd-gate", gate,
+                                  "--dropout", "0", "--sentence-avg")
+    _, _, _, tokens = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--kd-gate", gate, "--dropout", "0")
+    sample = first_batch(task)
+    bsz = sample["target"].size(0)
+    loss, size, _ = criterion_loss(task, model, crit, sample)
+    ref, ref_size, _ = criterion_loss(task, model, tokens, sample)
+    assert size == bsz and ref_size > 2 * bsz
+    if gate.startswith("fixed"):
+        pad = task.target_dictionary.pad()
+        n_gold, n_teacher = sample["target"].ne(pad).sum().item(), sample["teacher_target"].ne(pad).sum().item()
+        assert ref_size == pytest.approx(0.3 * n_gold + 0.7 * n_teacher)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def _gate_stats(log):

@@ -191,18 +191,20 @@ def test_mismatched_cache_is_refused(data_bin, teacher, cache, tmp_path):
     with open(os.path.join(cut, "valid.topk.lprobs.f16"), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 10)
     refused(cut, "valid", "valid.topk.lprobs.f16", "truncated")
-    # K smaller than --kd-topk: refused at start-up (check_cache_topk) or at the latest on the first batch
+    # K smaller than --kd-topk: refused at start-up (check_cache_topk, when the criterion is built) ...
     assert check_cache_topk(cache, K) == K
     with pytest.raises(KDConfigError, match=r"--kd-topk 16 exceeds K=8 .*\.topk\.json"):
         check_cache_topk(cache, 16)
+    with pytest.raises(KDConfigError, match=r"--kd-topk 16 exceeds K=8 .*\.topk\.json"):
+        build(data_bin, "--task", "translation_kd", "--criterion", "token_kd", "--kd-topk", 16,
+              "--teacher-cache", cache)
+    # ... and, should a criterion ask for more than the signal holds later on, on its first batch
     task.cfg.teacher_cache = cache
     task.load_dataset("valid")
-    with pytest.raises(ValueError, match="--kd-topk 16"):
-        _, task16, model16, crit16 = build(data_bin, "--task", "translation_kd", "--criterion", "token_kd",
-                                           "--kd-topk", 16, "--teacher-cache", cache)
-        task16.load_dataset("valid")
-        sample = task16.dataset("valid").collater([task16.dataset("valid")[i] for i in range(4)])
-        criterion_loss(task16, model16, crit16, sample)
+    sample = task.dataset("valid").collater([task.dataset("valid")[i] for i in range(4)])
+    crit.teacher_topk = 16
+    with pytest.raises(ValueError, match="--kd-topk 16 exceeds the teacher signal's K=8"):
+        criterion_loss(task, model, crit, sample)
 
     # another target dictionary: the same binarized data with one more target type
     other = tmp_path / "other_dict"
@@ -217,6 +219,99 @@ def test_mismatched_cache_is_refused(data_bin, teacher, cache, tmp_path):
                            "--teacher-cache", cache)
     with pytest.raises(KDConfigError, match="another target dictionary"):
         task2.load_dataset("valid")
+
+
+def _refusal(task, directory, on_batch=False):
+    """The one-line message with which the task refuses ``directory`` as --teacher-cache for the valid split:
+    when it loads the split, or (``on_batch``, the value checks) when it collates its first 8 sentences."""
+    task.cfg.teacher_cache = directory
+    if on_batch:
+        task.load_dataset("valid")
+        dataset = task.dataset("valid")
+    with pytest.raises((KDConfigError, FloatingPointError)) as e:
+        if on_batch:
+            dataset.collater([dataset[i] for i in range(8)])
+        else:
+            task.load_dataset("valid")
+    message = str(e.value)
+    assert "--teacher-cache" in message and "\n" not in message, message
+    return message
+
+
+def test_cache_with_bad_contents_is_refused_naming_the_file(data_bin, teacher, cache, tmp_path):
+    """NaN values, per-sentence lengths that differ from the data, unmerged shards, a corrupt header."""
+    _, task, _, _ = build(data_bin, "--task", "translation_kd", "--criterion", "token_kd", "--kd-topk", K,
+                          "--teacher-cache", cache)
+    for part in (".lprobs.f16", ".rest.f16"):
+        bad = _copy(cache, "valid", str(tmp_path / ("nan" + part.split(".")[1])))
+        values = np.memmap(os.path.join(bad, "valid.topk" + part), dtype="<f2", mode="r+")
+        values[3] = np.nan
+        values.flush()
+        del values
+        msg = _refusal(task, bad, on_batch=True)
+        assert os.path.join(bad, "valid.topk" + part) in msg and "NaN" in msg
+
+    # sentence 0 one token longer, sentence 1 one shorter: sizes and total agree, lengths do not
+    moved = _copy(cache, "valid", str(tmp_path / "moved"))
+    offsets = np.fromfile(os.path.join(moved, "valid.topk.idx"), dtype="<i8")
+    offsets[1] += 1
+    offsets.tofile(os.path.join(moved, "valid.topk.idx"))
+    msg = _refusal(task, moved)
+    assert os.path.join(moved, "valid.topk.json") in msg and "for sentence 0 but its gold target has" in msg
+
+    # one shard of two, never merged: no header for the split; the shard's files renamed as the split's
+    sharded = str(tmp_path / "sharded")
+    dump_inproc("--data", data_bin, "--path", teacher, "--split", "valid", "--out", sharded, *DUMP_FLAGS,
+                "--num-shards", 2, "--shard-id", 0)
+    msg = _refusal(task, sharded)
+    assert os.path.join(sharded, "valid.topk.json") + " not found" in msg
+    renamed = str(tmp_path / "renamed")
+    os.makedirs(renamed)
+    for part in PARTS:
+        shutil.copy(os.path.join(sharded, "shards", "valid.topk.shard0of2" + part),
+                    os.path.join(renamed, "valid.topk" + part))
+    msg = _refusal(task, renamed)
+    assert os.path.join(renamed, "valid.topk.json") in msg and "kd-dump-teacher merge" in msg
+
+    # a header that is not JSON, and JSON that is not a cache header
+    corrupt = _copy(cache, "valid", str(tmp_path / "corrupt"))
+    header = os.path.join(corrupt, "valid.topk.json")
+    with open(header, "w") as f:
+        f.write('{"format": "kd-teacher-topk", "version": ')
+    msg = _refusal(task, corrupt)
+    assert header in msg and "not a valid cache header" in msg
+    with open(header, "w") as f:
+        json.dump({"format": "something-else", "version": 1}, f)
+    msg = _refusal(task, corrupt)
+    assert header in msg and "is not a kd-teacher-topk v1 header" in msg
+
+
+def test_hybrid_served_by_the_cache_alone(data_bin, cache, teacher_targets, tmp_path):
+    """A cache directory that also holds the teacher-decoded targets serves hybrid_kd with --teacher-cache
+    alone (no teacher loaded): same samples and loss as naming the targets with --teacher-targets."""
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in os.listdir(teacher_targets):
+        os.symlink(os.path.join(teacher_targets, name), both / name)
+    for part in PARTS:
+        os.symlink(os.path.join(cache, "valid.topk" + part), both / ("valid.topk" + part))
+    hybrid = ["--task", "translation_kd", "--criterion", "hybrid_kd", "--kd-topk", K, "--kd-gate", "fixed:0.4",
+              "--label-smoothing", "0.1"]
+    _, task, model, crit = build(data_bin, *hybrid, "--teacher-cache", str(both))
+    _, ref_task, _, ref_crit = build(data_bin, *hybrid, "--teacher-cache", cache, "--teacher-targets", teacher_targets)
+    assert task.teacher is None
+    for t in (task, ref_task):
+        t.load_dataset("valid")
+    ids = list(range(0, 100, 7))
+    sample = task.dataset("valid").collater([task.dataset("valid")[i] for i in ids])
+    ref = ref_task.dataset("valid").collater([ref_task.dataset("valid")[i] for i in ids])
+    assert torch.equal(sample["teacher_target"], ref["teacher_target"])
+    assert not torch.equal(sample["teacher_target"][:, :sample["target"].size(1)],
+                           sample["target"][:, :sample["teacher_target"].size(1)])
+    loss, size, log = criterion_loss(task, model, crit, sample)
+    ref_loss, ref_size, ref_log = criterion_loss(ref_task, model, ref_crit, ref)
+    assert loss.item() == ref_loss.item() and size == ref_size
+    assert log["kd_loss"].item() > 0 and log["sent_nll_loss"].item() > 0
 
 
 def test_training_from_cache_with_workers(data_bin, cache, tmp_path):

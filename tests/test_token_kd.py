@@ -31,19 +31,32 @@ def test_alpha_zero_is_fairseq_label_smoothed_ce_exactly(data_bin, teacher):
         assert log["kd_loss"].item() > 0  # the KD term is computed (and logged) even when unweighted
 
 
-def test_loss_is_mix_of_gold_and_teacher_kl(data_bin, teacher):
-    """alpha=1, T=2: the loss is T^2 * sum_t KL(p_T || q_T), recomputed here in float64 from raw outputs."""
-    task, model, crit, _, _ = _pair(data_bin, teacher, "--kd-alpha", "1", "--kd-temperature", "2")
+def ls_nll_float64(logits, target, pad, eps):
+    """sum over non-pad tokens of (1 - eps) (-log q_y) + eps / (V - 1) sum_{c != y} (-log q_c), in float64."""
+    lq = torch.log_softmax(logits.double(), -1)[target.ne(pad)]
+    y = target[target.ne(pad)]
+    nll = -lq.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    others = -lq.sum(-1) - nll
+    return ((1 - eps) * nll + eps / (lq.size(-1) - 1) * others).sum()
+
+
+@pytest.mark.parametrize("alpha", ["0.3", "0.7", "1"])
+def test_loss_is_mix_of_gold_and_teacher_kl(data_bin, teacher, alpha):
+    """T=2: loss = (1-a) LS-NLL(gold) + a T^2 sum_t KL(p_T || q_T), recomputed here in float64 from raw outputs."""
+    task, model, crit, _, _ = _pair(data_bin, teacher, "--kd-alpha", alpha, "--kd-temperature", "2")
     sample = first_batch(task)
-    loss, _, _ = criterion_loss(task, model, crit, sample)
-    model.eval()
+    loss, _, log = criterion_loss(task, model, crit, sample)
     with torch.no_grad():
         s_logits = model(**sample["net_input"])[0].double()
         t_logits = task.teacher.models[0](**sample["net_input"])[0].double()
-    mask = sample["target"].ne(task.target_dictionary.pad())
+    pad = task.target_dictionary.pad()
+    mask = sample["target"].ne(pad)
     p = torch.softmax(t_logits / 2, -1)[mask]
     kl = (p * (p.log() - torch.log_softmax(s_logits / 2, -1)[mask])).sum()
-    assert loss.item() == pytest.approx(4 * kl.item(), rel=1e-5)
+    ls = ls_nll_float64(s_logits, sample["target"], pad, 0.1)
+    a = float(alpha)
+    assert log["kd_loss"].item() == pytest.approx(4 * kl.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((1 - a) * ls.item() + a * 4 * kl.item(), rel=1e-5)
 
 
 def test_topk_equal_to_vocab_equals_full(data_bin, teacher):

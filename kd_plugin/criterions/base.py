@@ -14,7 +14,7 @@ _WHERE = {
 
 def check_range(flag, value, lo, hi, lo_open=False):
     """``value`` of ``flag`` must lie in [lo, hi] (or (lo, hi] when lo_open)."""
-    if value > hi or value < lo or (lo_open and value == lo):
+    if not lo <= value <= hi or (lo_open and value == lo):  # also refuses NaN
         raise KDConfigError("%s must be in %s%s, %s]; got %s" % (flag, "(" if lo_open else "[", lo, hi, value))
 
 

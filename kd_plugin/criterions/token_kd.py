@@ -57,6 +57,7 @@ class TokenKDCriterion(KDCriterionBase):
         check_range("--kd-js-beta", kd_js_beta, 0, 1)
         check_range("--kd-skew-lambda", kd_skew_lambda, 0, 1)
         check_range("--kd-select-rate", kd_select_rate, 0, 1, lo_open=True)
+        check_range("--kd-select-queue", kd_select_queue, 1, float("inf"))
         vocab = len(task.target_dictionary)
         if not 0 <= kd_topk <= vocab:
             raise KDConfigError("--kd-topk must be in [0, %d] (the target vocabulary); got %d" % (vocab, kd_topk))
