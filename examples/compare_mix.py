@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Multi-seed comparison of KD configurations on the demo corpus with the demo's teacher (resumable).
+
+    .venv/bin/python examples/compare_mix.py --configs token-full,token-cache8 --seeds 1,2,3 --epochs 3
+    .venv/bin/python examples/compare_mix.py --configs ... --seeds ... --epochs 3 --report   # table only
+
+It runs examples/demo.py's pipeline in the demo's work directory (corpus, BPE, data-bin, teacher and the
+distilled corpus are built if missing and reused otherwise: the same cached steps), dumps a top-K teacher
+cache when a configuration needs one, then trains one student per (configuration, seed) with the demo's
+student size, optimizer and data for ``--epochs`` epochs, ``--jobs`` at a time, and scores each with stock
+fairseq-generate + sacreBLEU. Each run appends one record to ``--results`` (default docs/mix_results.json:
+configuration, its flags, seed, epochs, updates, BLEU, chrF and their signatures, train seconds, the
+validation loss/nll/ppl after each epoch). A stopped run resumes: finished steps are skipped.
+
+The report gives, per configuration, mean and standard deviation over seeds and the paired bootstrap
+(1,000 resamples of test sentences, seeds pooled: each resample draws the same sentence ids in every seed)
+of each configuration against ``--baseline``: the mean BLEU difference, its 95% interval and
+p = the share of resamples where the difference is <= 0.
+"""
+import argparse
+import copy
+import concurrent.futures
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo  # noqa: E402
+from demo_pipeline import REPO, StepFailed, read_lines, tool  # noqa: E402
+from demo_report import repo_relative  # noqa: E402
+
+K = 8
+KD = demo.KD_TASK
+LS = ["--label-smoothing", "0.1"]
+# fairseq-train arguments of each configuration; placeholders as in demo.STUDENTS plus {cache} (top-K cache of
+# the gold prefixes, kd-dump-teacher) and {cache_t} (top-K cache on the teacher-decoded targets, --targets)
+CONFIGS = {
+    "plain": demo.STUDENTS["plain"],
+    "token-full": demo.STUDENTS["token"],
+    "token-cache8": KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd", "--kd-topk", K,
+                          "--kd-alpha", "0.5", "--kd-temperature", "1"] + LS,
+    "sentence": demo.STUDENTS["sentence"],
+    "hybrid-gate": demo.STUDENTS["hybrid"],
+    "hybrid-even": demo.STUDENTS["hybrid-even"],
+}
+for _rule in ("word", "confidence", "entropy", "hkd", "curriculum"):
+    CONFIGS["mix-" + _rule] = KD + ["--teacher-cache", "{cache_t}", "--teacher-targets", "{distill}",
+                                    "--criterion", "hybrid_kd", "--kd-mix", _rule, "--kd-topk", K] + LS
+FIELD_RE = re.compile(r"\| (\w+) ([\d.]+)")
+
+
+def run_name(config, seed, epochs):
+    return "%s-s%d-e%d" % (config, seed, epochs)
+
+
+def dump_cache(p, on_targets):
+    """Top-K teacher cache of train and valid (sharded like the distillation, then merged)."""
+    name, out = ("cache%d-t" % K, p.path("cache%d-t" % K)) if on_targets else ("cache%d" % K, p.path("cache%d" % K))
+    exe, shards = tool("kd-dump-teacher"), p.args.distill_shards
+    for split in ("train", "valid"):
+        cmd = [exe, "--data", p.path("data-bin"), "--path", demo.checkpoint(p, "teacher"), "--split", split,
+               "--topk", K, "--out", out, "--max-tokens", "4000", "--overwrite", "--cpu-threads", "1"]
+        cmd += ["--targets", p.path("distill")] if on_targets else []
+        merge = [exe, "merge", "--out", out, "--split", split, "--overwrite"] + (["--on-targets"] if on_targets else [])
+        p.run("%s-%s" % (name, split), [cmd + ["--num-shards", shards, "--shard-id", i] for i in range(shards)], merge)
+    return out
+
+
+def valid_curve(p, name):
+    """[{"updates", "loss", "nll_loss", "ppl"}] after each epoch, from the run's fairseq-train log."""
+    curve = []
+    with open(p.path("logs", "train-%s.log" % name), errors="replace") as f:
+        for line in f:
+            if "valid on 'valid' subset" in line:
+                fields = dict(FIELD_RE.findall(line))
+                curve.append({"updates": int(fields["num_updates"]),
+                              **{k: float(fields[k]) for k in ("loss", "nll_loss", "ppl")}})
+    return curve
+
+
+def train_and_score(p, config, seed, paths):
+    """One student (cached steps) -> its record."""
+    a, epochs = p.args, p.args.epochs
+    view = copy.copy(p)
+    view.args = copy.copy(a)
+    view.args.seed, view.args.student_epochs = seed, epochs
+    name = run_name(config, seed, epochs)
+    flags = [str(arg).format(**paths) for arg in CONFIGS[config]]
+    demo.train(view, name, "student", flags)
+    scores = demo.evaluate(view, name)
+    view.progress(name, "BLEU %.2f chrF %.2f" % (scores["bleu"], scores["chrf"]))
+    return {"config": config, "flags": [repo_relative(f) for f in flags], "seed": seed, "epochs": epochs, "updates": scores["updates"], "bleu": scores["bleu"],
+            "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"],
+            "chrf_signature": scores["chrf_signature"], "params": scores["params"],
+            "train_seconds": round(p.cached("train-" + name)["seconds"], 1), "valid": valid_curve(p, name),
+            "hyps": os.path.relpath(p.path("eval", "%s.hyp" % name), REPO)}
+
+
+def merge_records(path, records):
+    """Replace the records of the same (config, seed, epochs) in ``path`` (a JSON list), keep the others."""
+    old = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    keys = {(r["config"], r["seed"], r["epochs"]) for r in records}
+    merged = [r for r in old if (r["config"], r["seed"], r["epochs"]) not in keys] + records
+    merged.sort(key=lambda r: (r["config"], r["epochs"], r["seed"]))
+    with open(path + ".tmp", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return merged
+
+
+def paired_bootstrap(hyps_a, hyps_b, refs, resamples=1000, seed=12345):
+    """BLEU(a) - BLEU(b) over ``resamples`` draws of test-sentence ids, seeds pooled (hyps_x: one list of
+    hypotheses per seed, refs: the references): each draw sums the sentences' BLEU statistics over the drawn
+    ids in every seed. Returns (mean difference, 2.5% and 97.5% quantiles, p = share of differences <= 0)."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    bleu, n = BLEU(), len(refs)
+    pooled = [np.sum([np.asarray(bleu._extract_corpus_statistics(h, [refs]), dtype=np.int64) for h in hyps], 0)
+              for hyps in (hyps_a, hyps_b)]  # n x statistics, summed over seeds
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        a, b = (bleu._compute_score_from_stats((counts @ s).tolist()).score for s in pooled)
+        diffs.append(a - b)
+    diffs = np.sort(diffs)
+    return (float(diffs.mean()), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)),
+            float((diffs <= 0).mean()))
+
+
+def report(records, configs, seeds, epochs, baseline, refs):
+    """Markdown table: per configuration mean/std BLEU and chrF, last valid ppl, train s, bootstrap vs baseline."""
+    import statistics
+
+    rows = {c: [r for r in records if r["config"] == c and r["epochs"] == epochs and r["seed"] in seeds]
+            for c in configs}
+    hyps = {c: [read_lines(os.path.join(REPO, r["hyps"])) for r in sorted(rs, key=lambda r: r["seed"])]
+            for c, rs in rows.items()}
+    lines = ["| config | seeds | BLEU mean ± std | chrF mean ± std | valid ppl (last epoch) | train s | "
+             "BLEU vs %s: diff [95%% CI], p |" % baseline, "|---|---:|---:|---:|---:|---:|---|"]
+
+    def ms(values):
+        return "%.2f ± %.2f" % (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    for c, rs in rows.items():
+        if not rs:
+            continue
+        cmp = ""
+        if c != baseline and rows.get(baseline) and len(rows[baseline]) == len(rs):
+            d, lo, hi, p = paired_bootstrap(hyps[c], hyps[baseline], refs)
+            cmp = "%+.2f [%+.2f, %+.2f], p = %.3f" % (d, lo, hi, p)
+        ppl = [r["valid"][-1]["ppl"] for r in rs if r["valid"]]
+        lines.append("| %s | %d | %s | %s | %s | %.0f | %s |" % (
+            c, len(rs), ms([r["bleu"] for r in rs]), ms([r["chrf"] for r in rs]), ms(ppl) if ppl else "-",
+            statistics.mean(r["train_seconds"] for r in rs), cmp))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="token-full,token-cache8", help="comma-separated, from %s" % list(CONFIGS))
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated student seeds")
+    parser.add_argument("--epochs", type=int, default=3, help="student epochs")
+    parser.add_argument("--baseline", default=None, help="configuration the others are tested against "
+                                                         "(default: the first of --configs)")
+    parser.add_argument("--results", default=os.path.join(REPO, "docs", "mix_results.json"))
+    parser.add_argument("--report", action="store_true", help="only print the table from --results")
+    args, rest = parser.parse_known_args(argv)
+    args.configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error("--configs: unknown %s (choose from %s)" % (unknown, ", ".join(CONFIGS)))
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        parser.error("--seeds: comma-separated integers, got %r" % args.seeds)
+    if args.epochs < 1 or not args.seeds:
+        parser.error("--epochs must be >= 1 and --seeds non-empty")
+    args.baseline = args.baseline or args.configs[0]
+    return args, demo.parse_args(rest + ["--students", "plain"])  # demo's flags: sizes, --work, --jobs, --quick
+
+
+def main(argv=None):
+    args, a = parse_args(argv)
+    a.epochs = args.epochs
+    p = demo.Pipeline(a)
+    refs_path = p.path("corpus", "test.%s" % a.tgt_lang)
+    if not args.report:
+        try:
+            p.step("corpus", lambda: demo.make_corpus(p), demo.corpus_step_cmd(a))
+            p.step("bpe", lambda: demo.train_bpe(p))
+            p.run("preprocess", demo.preprocess_cmd(p))
+            demo.train(p, "teacher", "teacher", demo.TEACHER_CRITERION)
+            flags = " ".join(str(f) for c in args.configs for f in CONFIGS[c])
+            if "{distill}" in flags or "{cache_t}" in flags:
+                for split in ("train", "valid"):
+                    demo.distill(p, split)
+            paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": demo.checkpoint(p, "teacher"),
+                     "distill": p.path("distill"),
+                     "cache": dump_cache(p, False) if "{cache}" in flags else None,
+                     "cache_t": dump_cache(p, True) if "{cache_t}" in flags else None}
+            view = p.with_threads(demo.student_threads(a))
+            runs = [(c, s) for s in args.seeds for c in args.configs]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
+                futures = [pool.submit(train_and_score, view, c, s, paths) for c, s in runs]
+                records = []
+                for future in futures:  # keep every finished record even if a later run fails
+                    try:
+                        records.append(future.result())
+                    except StepFailed as e:
+                        print("compare_mix: %s" % e, file=sys.stderr)
+            merge_records(args.results, records)
+            if len(records) < len(runs):
+                sys.exit("compare_mix: %d of %d runs failed (see above); rerun to retry them"
+                         % (len(runs) - len(records), len(runs)))
+        except (StepFailed, demo.build_corpus.CorpusError) as e:
+            sys.exit("compare_mix: %s" % e)
+    with open(args.results) as f:
+        records = json.load(f)
+    print(report(records, args.configs, args.seeds, args.epochs, args.baseline, read_lines(refs_path)))
+
+
+if __name__ == "__main__":
+    main()
