@@ -161,6 +161,37 @@ def report(records, configs, seeds, epochs, baseline, refs):
     return "\n".join(lines)
 
 
+def plot(records, configs, seeds, epochs, path):
+    """PNG: BLEU per configuration (one point per seed, the mean as a bar) and validation ppl per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {c: [r for r in records if r["config"] == c and r["epochs"] == epochs and r["seed"] in seeds]
+            for c in configs}
+    runs = {c: rs for c, rs in runs.items() if rs}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (c, rs) in enumerate(runs.items()):
+        bleu = [r["bleu"] for r in rs]
+        left.bar(i, sum(bleu) / len(bleu), color="#cfd8e3")
+        left.plot([i] * len(bleu), bleu, "o", color="#1f4e79")
+        for r in rs:
+            right.plot([v["updates"] for v in r["valid"]], [v["ppl"] for v in r["valid"]], "o-", color="C%d" % i,
+                       label=c if r is rs[0] else None, alpha=0.8)
+    left.set_xticks(range(len(runs)), list(runs), rotation=30, ha="right")
+    left.set_ylabel("test BLEU (sacreBLEU)")
+    left.set_ylim(min(r["bleu"] for rs in runs.values() for r in rs) - 1, None)
+    left.set_title("BLEU, %d epochs (points: seeds)" % epochs)
+    right.set_xlabel("updates")
+    right.set_ylabel("validation ppl (its own criterion's nll_loss)")
+    right.set_yscale("log")
+    right.set_title("validation after each epoch")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="token-full,token-cache8", help="comma-separated, from %s" % list(CONFIGS))
@@ -170,6 +201,7 @@ def parse_args(argv=None):
                                                          "(default: the first of --configs)")
     parser.add_argument("--results", default=os.path.join(REPO, "docs", "mix_results.json"))
     parser.add_argument("--report", action="store_true", help="only print the table from --results")
+    parser.add_argument("--plot", help="also write a PNG: BLEU per configuration and seed, validation curves")
     args, rest = parser.parse_known_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in args.configs if c not in CONFIGS]
@@ -223,6 +255,8 @@ def main(argv=None):
     with open(args.results) as f:
         records = json.load(f)
     print(report(records, args.configs, args.seeds, args.epochs, args.baseline, read_lines(refs_path)))
+    if args.plot:
+        plot(records, args.configs, args.seeds, args.epochs, args.plot)
 
 
 if __name__ == "__main__":
