@@ -43,6 +43,8 @@ CONFIGS = {
     "sentence": demo.STUDENTS["sentence"],
     "hybrid-gate": demo.STUDENTS["hybrid"],
     "hybrid-even": demo.STUDENTS["hybrid-even"],
+    "hybrid-even-cache8": KD + ["--teacher-cache", "{cache}", "--teacher-targets", "{distill}", "--criterion",
+                                "hybrid_kd", "--kd-gate", "fixed:0.5", "--kd-topk", K] + LS,
 }
 for _rule in ("word", "confidence", "entropy", "hkd", "curriculum"):
     CONFIGS["mix-" + _rule] = KD + ["--teacher-cache", "{cache_t}", "--teacher-targets", "{distill}",
