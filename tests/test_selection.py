@@ -192,7 +192,7 @@ def test_criterion_kd_per_token(mode):
         crit.ce_queue.push(torch.linspace(0, 4, 15))
         last = np.concatenate([np.linspace(0, 4, 15), ce.numpy()])[-20:]
         selected = torch.from_numpy(ce.numpy() >= np.quantile(last, 1 - rate))
-    out = crit.kd_per_token(logits, lprobs, target, signal)
+    out = crit.kd_per_token(lprobs, target, signal)
     want = torch.zeros(target.shape, dtype=torch.float64)
     want[mask] = reference_kd(logits, teacher, temperature)[mask] * selected
     assert out.shape == target.shape and (out[~mask] == 0).all()
@@ -200,14 +200,14 @@ def test_criterion_kd_per_token(mode):
     if mode == "global":
         assert int(crit.ce_queue.count) == 15 + int(mask.sum())
         crit.eval()  # validation: the queue is read, not updated
-        crit.kd_per_token(logits, lprobs, target, signal)
+        crit.kd_per_token(lprobs, target, signal)
         assert int(crit.ce_queue.count) == 15 + int(mask.sum())
 
 
 def test_criterion_ignore_prefix_drops_the_first_positions():
     crit = criterion(ignore_prefix_size=2)
     logits, teacher, target = batch(seed=1)
-    out = crit.kd_per_token(logits, F.log_softmax(logits, -1), target, {"lprobs": F.log_softmax(teacher, -1)})
+    out = crit.kd_per_token(F.log_softmax(logits, -1), target, {"lprobs": F.log_softmax(teacher, -1)})
     want = reference_kd(logits, teacher, 1.0) * target.ne(PAD)
     want[:, :2] = 0
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
@@ -249,7 +249,7 @@ def test_criterion_global_selection_under_fp16_or_bf16_training(dtype):
     crit.train()
     logits, teacher, target = batch(seed=3)
     lprobs = F.log_softmax(logits, -1)
-    out = crit.kd_per_token(logits, lprobs, target, {"lprobs": F.log_softmax(teacher, -1)})
+    out = crit.kd_per_token(lprobs, target, {"lprobs": F.log_softmax(teacher, -1)})
     mask = target.ne(PAD)
     ce = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[mask]
     selected = out[mask] > 0
@@ -263,5 +263,5 @@ def test_criterion_global_selection_in_eval_before_any_training_step():
     crit = criterion(kd_select="global", kd_select_queue=8)
     crit.eval()
     logits, teacher, target = batch(seed=2)
-    out = crit.kd_per_token(logits, F.log_softmax(logits, -1), target, {"lprobs": F.log_softmax(teacher, -1)})
+    out = crit.kd_per_token(F.log_softmax(logits, -1), target, {"lprobs": F.log_softmax(teacher, -1)})
     assert torch.isfinite(out).all()

@@ -155,7 +155,7 @@ class HybridKDCriterion(TokenKDCriterion):
         net_output = model(**sent["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         target, bsz = sent["target"], sent["target"].size(0)
-        kd = self.kd_per_token(net_output[0], lprobs, target, teacher)
+        kd = self.kd_per_token(lprobs, target, teacher)
         ls, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps,
                                           ignore_index=self.padding_idx, reduce=False)
         ls, nll = ls.view(bsz, -1), nll.view(bsz, -1)

@@ -74,9 +74,9 @@ class TokenKDCriterion(KDCriterionBase):
             return select_batch(ce, self.select_rate)
         return self.ce_queue.select(ce, self.select_rate, update=self.training)
 
-    def kd_per_token(self, logits, lprobs, target, teacher):
-        """B x T tensor of T^2 * D(p_T || q_T) * s_t, zero at padding. Reads the student's log-probs
-        ``lprobs`` only (top-K bins need its full softmax); ``logits`` is kept for the callers' signature."""
+    def kd_per_token(self, lprobs, target, teacher):
+        """B x T tensor of T^2 * D(p_T || q_T) * s_t, zero at padding, from the student's log-probs ``lprobs``
+        (top-K bins need its full softmax)."""
         mask = target.ne(self.padding_idx)
         if self.ignore_prefix_size > 0:
             mask[:, : self.ignore_prefix_size] = False
@@ -99,7 +99,7 @@ class TokenKDCriterion(KDCriterionBase):
         teacher = self.require(sample, TEACHER)
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         target = model.get_targets(sample, net_output)
-        kd = self.kd_per_token(net_output[0], lprobs, target, teacher)
+        kd = self.kd_per_token(lprobs, target, teacher)
         flat_lprobs, flat_target = self.get_lprobs_and_target(model, net_output, sample) \
             if self.ignore_prefix_size > 0 else (lprobs.view(-1, lprobs.size(-1)), target.view(-1))
         ls, nll = label_smoothed_nll_loss(flat_lprobs, flat_target, self.eps, ignore_index=self.padding_idx,
