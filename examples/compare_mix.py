@@ -35,17 +35,27 @@ KD = demo.KD_TASK
 LS = ["--label-smoothing", "0.1"]
 # fairseq-train arguments of each configuration; placeholders as in demo.STUDENTS plus {cache} (top-K cache of
 # the gold prefixes, kd-dump-teacher) and {cache_t} (top-K cache on the teacher-decoded targets, --targets)
-CONFIGS = {
-    "plain": demo.STUDENTS["plain"],
-    "token-full": demo.STUDENTS["token"],
+TEACHER = ["--teacher-path", "{teacher}"]
+CONFIGS = {  # spelled out (not demo.STUDENTS) so that the recorded runs keep their meaning when the demo changes
+    "plain": ["--criterion", "label_smoothed_cross_entropy"] + LS,
+    "token-full": KD + TEACHER + ["--criterion", "token_kd", "--kd-alpha", "0.5", "--kd-temperature", "1"] + LS,
     "token-cache8": KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd", "--kd-topk", K,
                           "--kd-alpha", "0.5", "--kd-temperature", "1"] + LS,
-    "sentence": demo.STUDENTS["sentence"],
-    "hybrid-gate": demo.STUDENTS["hybrid"],
-    "hybrid-even": demo.STUDENTS["hybrid-even"],
-    "hybrid-even-cache8": KD + ["--teacher-cache", "{cache}", "--teacher-targets", "{distill}", "--criterion",
-                                "hybrid_kd", "--kd-gate", "fixed:0.5", "--kd-topk", K] + LS,
+    "sentence": KD + ["--teacher-targets", "{distill}", "--criterion", "sentence_kd"] + LS,
+    "hybrid-gate": KD + TEACHER + ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd"] + LS,
 }
+CONFIGS["hybrid-even"] = CONFIGS["hybrid-gate"] + ["--kd-gate", "fixed:0.5"]
+# hybrid_kd's two-prefix mix with token-level signals from the cache: fixed weights and the learned gates
+HYBRID_CACHE = KD + ["--teacher-cache", "{cache}", "--teacher-targets", "{distill}", "--criterion", "hybrid_kd",
+                     "--kd-topk", K] + LS
+for _name, _gate in (("even", "fixed:0.5"), ("w25", "fixed:0.25"), ("w75", "fixed:0.75"), ("gate", "sentence")):
+    CONFIGS["hybrid-%s-cache8" % _name] = HYBRID_CACHE + ["--kd-gate", _gate]
+CONFIGS["hybrid-global-cache8"] = HYBRID_CACHE + ["--kd-gate", "global"]
+# Deep encoder, shallow decoder (Kasai et al. 2021) at the demo student's parameter count: 2 + 1 layers with
+# ffn 128 (117,184 non-embedding parameters) instead of 1 + 1 with ffn 256 (116,736); later flags win
+DEEP_SHALLOW = ["--encoder-layers", "2", "--decoder-layers", "1", "--encoder-ffn-embed-dim", "128",
+                "--decoder-ffn-embed-dim", "128"]
+CONFIGS["hybrid-even-cache8-ds"] = CONFIGS["hybrid-even-cache8"] + DEEP_SHALLOW
 for _rule in ("word", "confidence", "entropy", "hkd", "curriculum"):
     CONFIGS["mix-" + _rule] = KD + ["--teacher-cache", "{cache_t}", "--teacher-targets", "{distill}",
                                     "--criterion", "hybrid_kd", "--kd-mix", _rule, "--kd-topk", K] + LS
@@ -57,16 +67,8 @@ def run_name(config, seed, epochs):
 
 
 def dump_cache(p, on_targets):
-    """Top-K teacher cache of train and valid (sharded like the distillation, then merged)."""
-    name, out = ("cache%d-t" % K, p.path("cache%d-t" % K)) if on_targets else ("cache%d" % K, p.path("cache%d" % K))
-    exe, shards = tool("kd-dump-teacher"), p.args.distill_shards
-    for split in ("train", "valid"):
-        cmd = [exe, "--data", p.path("data-bin"), "--path", demo.checkpoint(p, "teacher"), "--split", split,
-               "--topk", K, "--out", out, "--max-tokens", "4000", "--overwrite", "--cpu-threads", "1"]
-        cmd += ["--targets", p.path("distill")] if on_targets else []
-        merge = [exe, "merge", "--out", out, "--split", split, "--overwrite"] + (["--on-targets"] if on_targets else [])
-        p.run("%s-%s" % (name, split), [cmd + ["--num-shards", shards, "--shard-id", i] for i in range(shards)], merge)
-    return out
+    """Top-K teacher cache of train and valid: examples/demo.py's (the same steps and directories)."""
+    return demo.dump_cache(p, on_targets, K)
 
 
 def valid_curve(p, name):

@@ -46,7 +46,7 @@ def get_parser():
 def _load(args):
     """(task with the split loaded, student, gate, teacher or None); KDConfigError on bad input."""
     import kd_plugin  # noqa: F401  (patches, registrations)
-    from kd_plugin.gate import build_gate
+    from kd_plugin.gate import ShiftedGate, build_gate
     from kd_plugin.teacher import Teacher, load_members, read_checkpoint
 
     if not os.path.isfile(args.path):
@@ -62,6 +62,8 @@ def _load(args):
     [model], _ = load_members(args.path, task, "--path")
     gate = build_gate(crit_cfg.kd_gate, state["cfg"].model.encoder_embed_dim, crit_cfg.kd_gate_hidden)
     gate.load_state_dict({k[len("gate."):]: v for k, v in state["criterion"].items() if k.startswith("gate.")})
+    if "benefit.global_logit" in state["criterion"]:  # --kd-gate sentence+global: g = sigmoid(z(x) + b)
+        gate = ShiftedGate(gate, state["criterion"]["benefit.global_logit"])
     teacher = Teacher.load(args.teacher_path, task) if args.teacher_path else None
     return task, model, gate.eval(), teacher
 

@@ -36,7 +36,7 @@ from kd_plugin.checks import KDConfigError
 from kd_plugin.criterions.base import check_range
 from kd_plugin.criterions.sentence_kd import pad_right, teacher_target_sample
 from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
-from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss
+from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss, uses_global
 from kd_plugin.mixing import MIX_RULES, get_rule
 from kd_plugin.signals import TEACHER_ON_TARGETS, TEACHER_TARGET
 
@@ -44,13 +44,17 @@ from kd_plugin.signals import TEACHER_ON_TARGETS, TEACHER_TARGET
 @dataclass
 class HybridKDConfig(TokenKDConfig):
     kd_gate: str = field(default="sentence", metadata={
-        "help": "gate g(x): sentence (from the student's encoder output), scalar, or fixed:<value>"})
+        "help": "gate g(x): sentence (from the student's encoder output), scalar, fixed:<value>, global (a "
+                "logit b moved by the losses' learning progress, kd_plugin.gate) or sentence+global"})
     kd_gold_weight: float = field(default=0.0, metadata={"help": "weight w of an extra gold LS-NLL term"})
     kd_gate_tau: float = field(default=1.0, metadata={"help": "temperature of the gate's benefit target"})
     kd_gate_weight: float = field(default=1.0, metadata={"help": "weight of the gate's BCE loss"})
     kd_gate_warmup: int = field(default=0, metadata={"help": "updates during which the mix uses g = 1/2"})
     kd_gate_momentum: float = field(default=0.99, metadata={"help": "momentum of the losses' running means"})
     kd_gate_hidden: int = field(default=64, metadata={"help": "hidden units of the sentence gate"})
+    kd_gate_global_rate: float = field(default=0.02, metadata={
+        "help": "--kd-gate global: step of b per unit of learning-progress difference, per batch (>= 0)"})
+    kd_gate_global_bound: float = field(default=2.0, metadata={"help": "--kd-gate global: |b| <= this (> 0)"})
     kd_mix: ChoiceEnum(["gate"] + list(MIX_RULES)) = field(default="gate", metadata={"help": (
         "gate: the two-prefix mix by --kd-gate; word (w = --kd-alpha), confidence, entropy, hkd, curriculum: "
         "one pass on the teacher-decoded target, (1 - w_t) LS-NLL + w_t KD per token (kd_plugin.mixing); "
@@ -70,8 +74,8 @@ class HybridKDCriterion(TokenKDCriterion):
                  kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
                  kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000,
                  kd_gate="sentence", kd_gold_weight=0.0, kd_gate_tau=1.0, kd_gate_weight=1.0,
-                 kd_gate_warmup=0, kd_gate_momentum=0.99, kd_gate_hidden=64, kd_mix="gate", kd_mix_start=0.0,
-                 kd_mix_end=1.0, kd_mix_ramp=1000):
+                 kd_gate_warmup=0, kd_gate_momentum=0.99, kd_gate_hidden=64, kd_gate_global_rate=0.02,
+                 kd_gate_global_bound=2.0, kd_mix="gate", kd_mix_start=0.0, kd_mix_end=1.0, kd_mix_ramp=1000):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, kd_alpha,
                          kd_temperature, kd_divergence, kd_js_beta, kd_skew_lambda, kd_topk, kd_select,
                          kd_select_rate, kd_select_queue)
@@ -85,6 +89,8 @@ class HybridKDCriterion(TokenKDCriterion):
         check_range("--kd-gate-weight", kd_gate_weight, 0, float("inf"))
         check_range("--kd-gate-warmup", kd_gate_warmup, 0, float("inf"))
         check_range("--kd-gate-hidden", kd_gate_hidden, 1, float("inf"))
+        check_range("--kd-gate-global-rate", kd_gate_global_rate, 0, float("inf"))
+        check_range("--kd-gate-global-bound", kd_gate_global_bound, 0, float("inf"), lo_open=True)
         self.num_updates = 0
         self.mix = str(kd_mix)
         if self.mix != "gate":
@@ -94,7 +100,9 @@ class HybridKDCriterion(TokenKDCriterion):
             self.gate = build_gate(kd_gate, getattr(task, "student_dim", None), kd_gate_hidden)
         except ValueError as e:
             raise KDConfigError(str(e)) from None
-        self.benefit = BenefitTarget(kd_gate_tau, kd_gate_momentum)
+        self.use_global = uses_global(kd_gate)
+        self.benefit = BenefitTarget(kd_gate_tau, kd_gate_momentum,
+                                     kd_gate_global_rate if self.use_global else None, kd_gate_global_bound)
         self.gold_weight, self.gate_weight, self.gate_warmup = kd_gold_weight, kd_gate_weight, kd_gate_warmup
 
     def init_rule(self, gold_weight, start, end, ramp):
@@ -109,17 +117,19 @@ class HybridKDCriterion(TokenKDCriterion):
         self.teacher_signals = ("logits_on_targets", "targets")
         self.gold_targets = False  # batching counts the teacher-decoded lengths only
         self.gate = self.benefit = None
+        self.use_global = False
 
     def set_num_updates(self, num_updates):
         self.num_updates = num_updates
 
     def mix_weights(self, logits, bsz, device):
-        """g used in the mix (detached): fixed value, 1/2 during warm-up, else sigmoid(z(x))."""
-        if isinstance(self.gate, FixedGate):
+        """g used in the mix (detached): fixed value, 1/2 during warm-up, else sigmoid(z(x) [+ b])."""
+        if isinstance(self.gate, FixedGate) and not self.use_global:
             return torch.full((bsz,), self.gate.value, device=device)
         if self.training and self.num_updates < self.gate_warmup:
             return torch.full((bsz,), 0.5, device=device)
-        return torch.sigmoid(logits.detach().float())
+        z = torch.zeros(bsz, device=device) if logits is None else logits.detach().float()
+        return torch.sigmoid(z + self.benefit.global_logit.float() if self.use_global else z)
 
     def student_pass(self, model, sample, sent):
         """One forward of ``model`` on the gold and the teacher prefixes stacked into a 2B batch.
@@ -187,6 +197,10 @@ class HybridKDCriterion(TokenKDCriterion):
         n_gold = sample["target"].ne(self.padding_idx).sum(1).to(tok_kd)
         n_teacher = sent["target"].ne(self.padding_idx).sum(1).to(tok_kd)
         logits = self.gate(enc_states, padding_mask)
+        target = None
+        if logits is not None or self.use_global:  # the benefit statistics (and the controller's b) move
+            target = self.benefit(tok_kd / n_gold.clamp(min=1), sent_nll.detach() / n_teacher.clamp(min=1),
+                                  update=self.training)
         g = self.mix_weights(logits, bsz, tok_kd.device)
         loss = (g * tok_loss + (1 - g) * sent_loss).sum()
         if self.gold_weight > 0:
@@ -202,9 +216,9 @@ class HybridKDCriterion(TokenKDCriterion):
             "teacher_ntokens": sent["ntokens"], "nsentences": bsz, "sample_size": sample_size,
             "gate": g.sum().item(), "gate_sq": (g * g).sum().item(),
         }
+        if self.use_global:
+            logging_output["gate_global"] = self.benefit.global_logit.item() * bsz
         if logits is not None:
-            target = self.benefit(tok_kd / n_gold.clamp(min=1), sent_nll.detach() / n_teacher.clamp(min=1),
-                                  update=self.training)
             aux = gate_loss(logits.float(), target)
             loss = loss + self.gate_weight * aux * (sample_size / bsz)
             logging_output["gate_loss"] = aux.data
@@ -221,6 +235,9 @@ class HybridKDCriterion(TokenKDCriterion):
             metrics.log_scalar("mix_weight", sum(log.get("mix_weight", 0) for log in logging_outputs) / ntokens,
                                ntokens, round=3)
         n = sum(log.get("nsentences", 0) for log in logging_outputs)
+        if n > 0 and any("gate_global" in log for log in logging_outputs):  # the controller's b
+            metrics.log_scalar("gate_global", sum(log.get("gate_global", 0) for log in logging_outputs) / n, n,
+                               round=3)
         for name in ("gate", "gate_target"):
             if n > 0 and any(name in log for log in logging_outputs):
                 mean = sum(log.get(name, 0) for log in logging_outputs) / n
