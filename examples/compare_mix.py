@@ -51,6 +51,7 @@ HYBRID_CACHE = KD + ["--teacher-cache", "{cache}", "--teacher-targets", "{distil
 for _name, _gate in (("even", "fixed:0.5"), ("w25", "fixed:0.25"), ("w75", "fixed:0.75"), ("gate", "sentence")):
     CONFIGS["hybrid-%s-cache8" % _name] = HYBRID_CACHE + ["--kd-gate", _gate]
 CONFIGS["hybrid-global-cache8"] = HYBRID_CACHE + ["--kd-gate", "global"]
+CONFIGS["hybrid-sample-cache8"] = HYBRID_CACHE + ["--kd-gate", "sample:0.5"]  # one prefix per sentence: B rows
 # Deep encoder, shallow decoder (Kasai et al. 2021) at the demo student's parameter count: 2 + 1 layers with
 # ffn 128 (117,184 non-embedding parameters) instead of 1 + 1 with ffn 256 (116,736); later flags win
 DEEP_SHALLOW = ["--encoder-layers", "2", "--decoder-layers", "1", "--encoder-ffn-embed-dim", "128",

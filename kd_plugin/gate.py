@@ -84,6 +84,11 @@ class FixedGate(nn.Module):
         return None
 
 
+class SampledGate(FixedGate):
+    """``sample:<v>``: in training each sentence draws g(x) ~ Bernoulli(v) and the student runs on that one
+    prefix (a B-row pass instead of 2B: E[loss] is fixed:v's); validation uses the exact fixed:v mix."""
+
+
 class ShiftedGate(nn.Module):
     """z(x) + b: a trained per-sentence gate plus the global controller's final logit (``sentence+global``)."""
 
@@ -96,7 +101,7 @@ class ShiftedGate(nn.Module):
 
 
 def build_gate(spec, dim, hidden=64):
-    """``sentence`` | ``scalar`` | ``fixed:<value in [0, 1]>`` -> the per-sentence module; ``global`` ->
+    """``sentence`` | ``scalar`` | ``fixed:<value in [0, 1]>`` | ``sample:<value>`` -> the per-sentence module; ``global`` ->
     FixedGate(0.5) (the controller's b alone), ``sentence+global`` -> the sentence gate (b added by the
     criterion, see :func:`uses_global`)."""
     if spec == "global":
@@ -107,15 +112,16 @@ def build_gate(spec, dim, hidden=64):
         return SentenceGate(dim, hidden)
     if spec == "scalar":
         return ScalarGate()
-    if spec.startswith("fixed:"):
-        try:
-            value = float(spec[len("fixed:"):])
-        except ValueError:
-            value = -1.0
-        if 0.0 <= value <= 1.0:
-            return FixedGate(value)
-    raise ValueError("--kd-gate must be sentence, scalar, global, sentence+global or fixed:<value in [0, 1]>; "
-                     "got %r" % spec)
+    for prefix, cls in (("fixed:", FixedGate), ("sample:", SampledGate)):
+        if spec.startswith(prefix):
+            try:
+                value = float(spec[len(prefix):])
+            except ValueError:
+                value = -1.0
+            if 0.0 <= value <= 1.0:
+                return cls(value)
+    raise ValueError("--kd-gate must be sentence, scalar, global, sentence+global, fixed:<value in [0, 1]> or "
+                     "sample:<value in [0, 1]>; got %r" % spec)
 
 
 def uses_global(spec):

@@ -36,16 +36,25 @@ from kd_plugin.checks import KDConfigError
 from kd_plugin.criterions.base import check_range
 from kd_plugin.criterions.sentence_kd import pad_right, teacher_target_sample
 from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
-from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss, uses_global
+from kd_plugin.gate import BenefitTarget, FixedGate, SampledGate, build_gate, gate_loss, uses_global
 from kd_plugin.mixing import MIX_RULES, get_rule
 from kd_plugin.signals import TEACHER_ON_TARGETS, TEACHER_TARGET
+
+
+def row_estimate(values, keep, counts):
+    """Per-sentence sums ``values`` of the rows with keep = 1, rescaled so that their total estimates the
+    whole batch's: values * keep * sum(counts) / sum(keep * counts) (zeros when no row is kept)."""
+    kept = (keep * counts).sum()
+    return values.detach() * keep * (counts.sum() / kept if kept > 0 else 0.0)
 
 
 @dataclass
 class HybridKDConfig(TokenKDConfig):
     kd_gate: str = field(default="sentence", metadata={
         "help": "gate g(x): sentence (from the student's encoder output), scalar, fixed:<value>, global (a "
-                "logit b moved by the losses' learning progress, kd_plugin.gate) or sentence+global"})
+                "logit b moved by the losses' learning progress, kd_plugin.gate), sentence+global, or "
+                "sample:<value> (training: each sentence on ONE prefix, token with probability value: a B-row "
+                "pass, the same expected loss as fixed:<value>)"})
     kd_gold_weight: float = field(default=0.0, metadata={"help": "weight w of an extra gold LS-NLL term"})
     kd_gate_tau: float = field(default=1.0, metadata={"help": "temperature of the gate's benefit target"})
     kd_gate_weight: float = field(default=1.0, metadata={"help": "weight of the gate's BCE loss"})
@@ -101,6 +110,10 @@ class HybridKDCriterion(TokenKDCriterion):
         except ValueError as e:
             raise KDConfigError(str(e)) from None
         self.use_global = uses_global(kd_gate)
+        if isinstance(self.gate, SampledGate) and self.select_mode != "all":
+            raise KDConfigError("--kd-gate sample:<v> needs --kd-select all (selection ranks the whole batch)")
+        if isinstance(self.gate, SampledGate) and kd_gold_weight:
+            raise KDConfigError("--kd-gate sample:<v> cannot add --kd-gold-weight (a sentence runs one prefix)")
         self.benefit = BenefitTarget(kd_gate_tau, kd_gate_momentum,
                                      kd_gate_global_rate if self.use_global else None, kd_gate_global_bound)
         self.gold_weight, self.gate_weight, self.gate_warmup = kd_gold_weight, kd_gate_weight, kd_gate_warmup
@@ -131,28 +144,38 @@ class HybridKDCriterion(TokenKDCriterion):
         z = torch.zeros(bsz, device=device) if logits is None else logits.detach().float()
         return torch.sigmoid(z + self.benefit.global_logit.float() if self.use_global else z)
 
-    def student_pass(self, model, sample, sent):
-        """One forward of ``model`` on the gold and the teacher prefixes stacked into a 2B batch.
+    def student_pass(self, model, sample, sent, rows=None):
+        """One forward of ``model`` on the gold and the teacher prefixes stacked into a 2B batch, or, with
+        ``rows`` (B bools, ``sample:<v>``), a B batch where sentence i has the gold prefix if rows[i] else the
+        teacher's (the other half's outputs are then those same rows: only the chosen prefix's terms count).
 
         Returns the net outputs of the gold half and of the teacher half (logits cut back to each target's
         width), and the encoder states and padding mask of the gold half (read by a hook on the encoder)."""
         net_input, bsz = sample["net_input"], sample["target"].size(0)
         gold_prev, sent_prev = net_input["prev_output_tokens"], sent["net_input"]["prev_output_tokens"]
         width = max(gold_prev.size(1), sent_prev.size(1))
+        gold_prev_w, sent_prev_w = (pad_right(x, width, self.padding_idx) for x in (gold_prev, sent_prev))
+        copies = 2 if rows is None else 1
         captured = []
         hook = model.encoder.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
             logits, extra = model(
-                src_tokens=torch.cat([net_input["src_tokens"]] * 2),
-                src_lengths=torch.cat([net_input["src_lengths"]] * 2),
-                prev_output_tokens=torch.cat([pad_right(gold_prev, width, self.padding_idx),
-                                              pad_right(sent_prev, width, self.padding_idx)]))
+                src_tokens=torch.cat([net_input["src_tokens"]] * copies),
+                src_lengths=torch.cat([net_input["src_lengths"]] * copies),
+                prev_output_tokens=torch.cat([gold_prev_w, sent_prev_w]) if rows is None
+                else torch.where(rows.unsqueeze(1), gold_prev_w, sent_prev_w))
         finally:
             hook.remove()
         enc = captured[-1]
         mask = enc["encoder_padding_mask"][0][:bsz] if enc["encoder_padding_mask"] else None
-        return ((logits[:bsz, :gold_prev.size(1)], extra), (logits[bsz:, :sent_prev.size(1)], extra),
+        second = logits[bsz:] if rows is None else logits
+        return ((logits[:bsz, :gold_prev.size(1)], extra), (second[:, :sent_prev.size(1)], extra),
                 enc["encoder_out"][0][:, :bsz], mask)
+
+    def draw(self, bsz, device):
+        """``sample:<v>``: per sentence, True (gold prefix, token-level terms) with probability v. fairseq's
+        Trainer reseeds torch before every update, so the draws are reproducible and survive a resume."""
+        return torch.rand(bsz, device=device) < self.gate.value
 
     def rule_forward(self, model, sample):
         """loss = sum_t (1 - w_t) LS-NLL(y^_t) + w_t KD_t on the teacher prefix, w from the --kd-mix rule."""
@@ -185,10 +208,11 @@ class HybridKDCriterion(TokenKDCriterion):
             return self.rule_forward(model, sample)
         self.require(sample, TEACHER_TARGET)
         sent = teacher_target_sample(sample, self.padding_idx)
-        out_tok, out_sent, enc_states, padding_mask = self.student_pass(model, sample, sent)
+        bsz = sent["target"].size(0)
+        rows = self.draw(bsz, sent["target"].device) if self.training and isinstance(self.gate, SampledGate) else None
+        out_tok, out_sent, enc_states, padding_mask = self.student_pass(model, sample, sent, rows)
         gold_ls, tok_nll, tok_kd = self.token_terms(model, out_tok, sample, per_sentence=True)
         tok_loss = self.token_loss(gold_ls, tok_kd)
-        bsz = sent["target"].size(0)
         sent_loss, sent_nll = label_smoothed_nll_loss(
             model.get_normalized_probs(out_sent, log_probs=True).view(-1, out_sent[0].size(-1)),
             sent["target"].view(-1), self.eps, ignore_index=self.padding_idx, reduce=False)
@@ -201,7 +225,7 @@ class HybridKDCriterion(TokenKDCriterion):
         if logits is not None or self.use_global:  # the benefit statistics (and the controller's b) move
             target = self.benefit(tok_kd / n_gold.clamp(min=1), sent_nll.detach() / n_teacher.clamp(min=1),
                                   update=self.training)
-        g = self.mix_weights(logits, bsz, tok_kd.device)
+        g = self.mix_weights(logits, bsz, tok_kd.device) if rows is None else rows.to(tok_kd)
         loss = (g * tok_loss + (1 - g) * sent_loss).sum()
         if self.gold_weight > 0:
             loss = loss + self.gold_weight * gold_ls.sum()
@@ -210,6 +234,9 @@ class HybridKDCriterion(TokenKDCriterion):
             sample_size = float(bsz)
         else:
             sample_size = float((g * n_gold + (1 - g) * n_teacher).sum())
+        if rows is not None:  # sample:<v>: each half's terms count on its own rows only, scaled to the batch
+            tok_nll, tok_kd = (row_estimate(x, g, n_gold) for x in (tok_nll, tok_kd))
+            sent_nll = row_estimate(sent_nll, 1 - g, n_teacher)
         logging_output = {
             "loss": loss.data, "nll_loss": tok_nll.sum().data, "kd_loss": tok_kd.sum().data,
             "sent_nll_loss": sent_nll.sum().data, "ntokens": sample["ntokens"],
