@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """End-to-end kd-plugin demo: a German->English teacher (or any pair with --data), then four equally-sized
-students trained with the same budget (plain label smoothing, token-level KD, sentence-level KD, gated hybrid
-KD), all scored with stock ``fairseq-generate`` and sacreBLEU.
+students trained with the same budget (plain label smoothing, token-level KD, sentence-level KD, hybrid KD;
+the token-level signals from a top-8 teacher cache), all scored with stock ``fairseq-generate`` and
+sacreBLEU, exported to CTranslate2 int8 and timed on the test set (both paths, one thread).
 
-    make demo                          # .venv/bin/python examples/demo.py  (~25 min on 2 CPU cores)
+    make demo                          # .venv/bin/python examples/demo.py  (~31 min on 2 CPU cores, estimated)
     make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
     python examples/demo.py --data fr-en.tsv --src-lang fr --tgt-lang en --students plain,token
     python examples/demo.py --help     # all sizes
@@ -11,7 +12,8 @@ KD), all scored with stock ``fairseq-generate`` and sacreBLEU.
 Pipeline (every step is cached under WORK: delete a step's output or WORK/done/STEP.json to redo it):
 corpus (examples/build_corpus.py: cleaned, split) -> sentencepiece joint BPE (demo_data.py) ->
 fairseq-preprocess --joined-dictionary -> teacher (fairseq-train) -> kd-distill-corpus (train, valid) ->
-students -> fairseq-generate + sacreBLEU -> a markdown table (demo_report.py) printed and written to
+kd-dump-teacher top-8 cache (train, valid) -> students -> fairseq-generate + sacreBLEU, kd-export int8 ->
+speed phase (demo_speed.py) -> a markdown table (demo_report.py) printed and written to
 WORK/results.md; a full run on the default corpus also writes docs/DEMO.md (a --data run never does).
 Steps run through demo_pipeline.py. A malformed --data TSV (or too few pairs for the split) stops before
 anything is written: one line naming the file, exit status 2.
@@ -29,54 +31,77 @@ import build_corpus  # noqa: E402
 from demo_data import check_user_corpus, corpus_step_cmd, make_corpus, preprocess_cmd, train_bpe  # noqa: E402
 from demo_pipeline import REPO, Pipeline, StepFailed, read_lines, tool, write_lines  # noqa: E402,F401
 from demo_report import report  # noqa: E402
+from demo_speed import export, inference_columns  # noqa: E402
 
 LANG_RE = re.compile(r"^[A-Za-z0-9_]+$")  # fairseq names files {split}.{src}-{tgt}.{lang}
 # Output length cap of evaluation and distillation (1.2 * source + 10): keeps a weak model's degenerate
 # repetitions from running to 200 tokens, which would dominate CPU decoding time.
 MAX_LEN = ["--max-len-a", "1.2", "--max-len-b", "10"]
 
-# Extra fairseq-train arguments of each student, formatted with {user_dir}, {teacher}, {distill}.
-# "{teacher}" makes a student depend on the teacher checkpoint, "{distill}" on kd-distill-corpus's output.
+# Extra fairseq-train arguments of each student, formatted with {user_dir}, {teacher}, {distill}, {cache}.
+# "{teacher}" makes a student depend on the teacher checkpoint (online teacher), "{distill}" on
+# kd-distill-corpus's output, "{cache}" on kd-dump-teacher's top-CACHE_TOPK cache (dump_cache).
 KD_TASK = ["--user-dir", "{user_dir}", "--task", "translation_kd"]
+CACHE_TOPK = 8
+CACHED = ["--teacher-cache", "{cache}", "--kd-topk", str(CACHE_TOPK)]
+TOKEN_KD = ["--criterion", "token_kd", "--kd-alpha", "0.5", "--kd-temperature", "1", "--label-smoothing", "0.1"]
+HYBRID_KD = ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd", "--label-smoothing", "0.1"]
 STUDENTS = {
     "plain": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
-    "token": KD_TASK + ["--teacher-path", "{teacher}", "--criterion", "token_kd",
-                        "--kd-alpha", "0.5", "--kd-temperature", "1", "--label-smoothing", "0.1"],
+    "token": KD_TASK + CACHED + TOKEN_KD,
     "sentence": KD_TASK + ["--teacher-targets", "{distill}", "--criterion", "sentence_kd",
                            "--label-smoothing", "0.1"],
-    "hybrid": KD_TASK + ["--teacher-path", "{teacher}", "--teacher-targets", "{distill}",
-                         "--criterion", "hybrid_kd", "--label-smoothing", "0.1"],
+    "hybrid": KD_TASK + CACHED + HYBRID_KD,  # the gate/mixing rule: hybrid_kd's default
+    # opt-in (--students ...): the full-vocabulary signals from the teacher run online (slower), and
+    # hybrid_kd with its weight fixed at 1/2 (the control of a learned gate, docs/GATE.md, docs/MIX.md)
+    "token-online": KD_TASK + ["--teacher-path", "{teacher}"] + TOKEN_KD,
+    "hybrid-online": KD_TASK + ["--teacher-path", "{teacher}"] + HYBRID_KD,
 }
-# Opt-in ablation (--students ...,hybrid-even): hybrid_kd with the gate fixed at 1/2, i.e. what the learned
-# per-sentence gate is measured against (docs/GATE.md).
 STUDENTS["hybrid-even"] = STUDENTS["hybrid"] + ["--kd-gate", "fixed:0.5"]
 DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
-# Default sizes: (full, quick); 0 pairs = the whole split. Full mode on an idle 2-core machine (docs/DEMO.md):
-# teacher 683 updates/epoch, 9.4-10.4 min for 3 epochs (24.2 BLEU); beam-2 distillation of train + valid 4.1 min
-# (2 shards; beam 5: 10.1 min for +0.7 teacher BLEU); students two at a time, 9.3 min for all four with their
-# test decoding (hybrid slowest: online teacher + two decoder passes). ~25 min in all.
+# Default sizes: (full, quick); 0 pairs = the whole split. Full mode on an idle 2-core machine, MEASURED in the
+# 2026-11-29 run (docs/DEMO.md): corpus + BPE + preprocess 51 s; teacher 683 updates/epoch, 9.4-10.4 min for
+# 3 epochs (24.2 BLEU), its test decoding 26 s; beam-2 distillation of train + valid 4.1 min (2 shards; beam 5:
+# 10.1 min for +0.7 teacher BLEU). MEASURED by examples/compare_mix.py (work/demo/done, 1 thread, two runs at a
+# time): top-8 cache dump 75 s; 3-epoch students token (cache) ~250 s, sentence ~220 s, hybrid-even (cache)
+# ~470 s, plain ~200 s (the lead's figure), test decoding ~12 s each. ESTIMATED (not yet one measured run):
+# exports ~12 s each; students two at a time ~12 min (hybrid then plain on one core, token then sentence on
+# the other); speed phase ~3 min with --speed-reps 2 (a round: fairseq-generate ~25 s teacher and ~12 s per
+# student, start-up included, CTranslate2 ~4 s per system); ~31 min in all (--speed-reps 1: ~29.5 min).
 DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),
     "student_layers": (1, 1), "student_dim": (64, 32), "student_ffn": (256, 64), "student_heads": (2, 2),
-    "teacher_epochs": (3, 1), "student_epochs": (1, 1), "warmup": (400, 50), "distill_beam": (2, 2),
-    "train_pairs": (0, 3000), "valid_pairs": (0, 200), "test_pairs": (0, 200),
+    "teacher_epochs": (3, 1), "student_epochs": (3, 1), "warmup": (400, 50), "distill_beam": (2, 2),
+    "train_pairs": (0, 3000), "valid_pairs": (0, 200), "test_pairs": (0, 200), "speed_reps": (2, 1),
 }
+HELP = {"speed_reps": "rounds of the speed phase (demo_speed.py: interleaved, the median is reported)"}
+# Per-side shapes: --{role}-{encoder,decoder}-{layers,ffn}, default --{role}-layers / --{role}-ffn
+SIDES = ("encoder", "decoder")
 
 
 # ---------------------------------------------------------------- training
 
 
+def shape(a, role):
+    """{key: value} of a role's architecture: dim, heads and {encoder,decoder}_{layers,ffn}."""
+    out = {k: getattr(a, "%s_%s" % (role, k)) for k in ("dim", "heads")}
+    for side in SIDES:
+        for k in ("layers", "ffn"):
+            out["%s_%s" % (side, k)] = getattr(a, "%s_%s_%s" % (role, side, k)) or getattr(a, "%s_%s" % (role, k))
+    return out
+
+
 def model_args(a, role):
-    """Architecture flags of the teacher or of the students (``role``), from --{role}-{layers,dim,ffn,heads}."""
-    layers, dim, ffn, heads = (getattr(a, "%s_%s" % (role, k)) for k in ("layers", "dim", "ffn", "heads"))
-    return ["--arch", "transformer", "--share-all-embeddings",
-            "--encoder-layers", layers, "--decoder-layers", layers,
-            "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
-            "--encoder-ffn-embed-dim", ffn, "--decoder-ffn-embed-dim", ffn,
-            "--encoder-attention-heads", heads, "--decoder-attention-heads", heads]
+    """Architecture flags of the teacher or of the students (``role``), from --{role}-{dim,heads} and
+    --{role}-{encoder,decoder}-{layers,ffn} (default --{role}-layers, --{role}-ffn)."""
+    s, out = shape(a, role), ["--arch", "transformer", "--share-all-embeddings"]
+    for flag, key in (("layers", "%s_layers"), ("embed-dim", "dim"), ("ffn-embed-dim", "%s_ffn"),
+                      ("attention-heads", "heads")):  # the order of earlier runs' commands (cached steps)
+        out += [x for side in SIDES for x in ("--%s-%s" % (side, flag), s[key.replace("%s", side)])]
+    return out
 
 
 def train(p, name, role, criterion_args):
@@ -106,15 +131,17 @@ def train_cmd(p, name, role, criterion_args):
 def train_students(p):
     """Train and score every student, ``--jobs`` at a time with ``--threads`` (default: cores / jobs) threads
     each: small models use a second core better as a second process than as a second intra-op thread.
-    Students that run the teacher online start first (they take longest). Returns {name: scores}."""
+    The costliest students start first (cost_rank). Each is exported (kd-export int8) after its scoring.
+    Returns {name: scores}."""
     a = p.args
     view = p.with_threads(student_threads(a))
-    order = sorted(a.students, key=lambda s: "{teacher}" not in STUDENTS[s])  # stable: online teacher first
+    order = sorted(a.students, key=cost_rank)  # stable
 
     def student(name):
         train(view, name, "student", student_args(view, name))
         result = evaluate(view, name)
         p.progress(name, "BLEU %.1f chrF %.1f" % (result["bleu"], result["chrf"]))
+        export(view, name, checkpoint(view, name))
         return result
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
@@ -124,6 +151,13 @@ def train_students(p):
         except BaseException:
             pool.shutdown(cancel_futures=True)  # students not started yet never start; running ones finish
             raise
+
+
+def cost_rank(name):
+    """Start-order key: minus the teacher signals a student reads (the online teacher counts twice, the
+    cache, the distilled targets and hybrid_kd's second decoder pass once each): costliest first."""
+    args = " ".join(STUDENTS[name])
+    return -(2 * ("{teacher}" in args) + ("{cache}" in args) + ("{distill}" in args) + ("hybrid_kd" in args))
 
 
 def student_threads(a):
@@ -136,8 +170,12 @@ def checkpoint(p, name):
 
 def student_args(p, name):
     paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": checkpoint(p, "teacher"),
-             "distill": p.path("distill")}
-    return [arg.format(**paths) for arg in STUDENTS[name]]
+             "distill": p.path("distill"), "cache": p.path("cache%d" % CACHE_TOPK)}
+    return [str(arg).format(**paths) for arg in STUDENTS[name]]
+
+
+def needs(students, placeholder):
+    return any(placeholder in arg for s in students for arg in STUDENTS[s])
 
 
 def distill(p, split):
@@ -152,6 +190,21 @@ def distill(p, split):
           [cmd + ["--cpu-threads", "1", "--num-shards", shards, "--shard-id", i, "--overwrite"]
            for i in range(shards)],
           [exe, "merge", "--out", p.path("distill"), "--split", split, "--overwrite"])
+
+
+def dump_cache(p, on_targets, k=CACHE_TOPK):
+    """Top-``k`` teacher cache of train and valid in WORK/cache{k} (steps cache{k}-{train,valid}), or with
+    ``on_targets`` on the teacher-decoded targets in WORK/cache{k}-t: kd-dump-teacher sharded like the
+    distillation (--distill-shards single-threaded processes), then merged. Returns the cache directory."""
+    name = "cache%d-t" % k if on_targets else "cache%d" % k
+    out, exe, shards = p.path(name), tool("kd-dump-teacher"), p.args.distill_shards
+    for split in ("train", "valid"):
+        cmd = [exe, "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"), "--split", split,
+               "--topk", k, "--out", out, "--max-tokens", "4000", "--overwrite", "--cpu-threads", "1"]
+        cmd += ["--targets", p.path("distill")] if on_targets else []
+        merge = [exe, "merge", "--out", out, "--split", split, "--overwrite"] + (["--on-targets"] if on_targets else [])
+        p.run("%s-%s" % (name, split), [cmd + ["--num-shards", shards, "--shard-id", i] for i in range(shards)], merge)
+    return out
 
 
 def count_params(ckpt):
@@ -259,7 +312,12 @@ def parse_args(argv=None):
                         help="students trained (and scored) at the same time")
     parser.add_argument("--max-update", type=int, default=0, help="stop every training here too (0: epochs only)")
     for key, values in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=values[column])
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=values[column], help=HELP.get(key))
+    for role in ("teacher", "student"):
+        for side in SIDES:
+            for k in ("layers", "ffn"):
+                parser.add_argument("--%s-%s-%s" % (role, side, k), type=int, default=None,
+                                    help="default: --%s-%s" % (role, k))
     a = parser.parse_args(argv)
     for flag, lang in (("--src-lang", a.src_lang), ("--tgt-lang", a.tgt_lang)):
         if not LANG_RE.match(lang):
@@ -284,6 +342,8 @@ def parse_args(argv=None):
         parser.error("--students: unknown %s (choose from %s)" % (unknown, ", ".join(STUDENTS)))
     if a.jobs < 1:
         parser.error("--jobs must be >= 1 (got %d)" % a.jobs)
+    if a.speed_reps < 1:
+        parser.error("--speed-reps must be >= 1 (got %d)" % a.speed_reps)
     return a
 
 
@@ -305,14 +365,20 @@ def main(argv=None):
         train(p, "teacher", "teacher", TEACHER_CRITERION)
         results = {"teacher": evaluate(p, "teacher")}
         p.progress("teacher", "BLEU %.1f chrF %.1f" % (results["teacher"]["bleu"], results["teacher"]["chrf"]))
-        if any("{distill}" in arg for s in a.students for arg in STUDENTS[s]):
+        export(p, "teacher", checkpoint(p, "teacher"))
+        if needs(a.students, "{distill}"):
             for split in ("train", "valid"):
                 distill(p, split)
+        if needs(a.students, "{cache}"):
+            dump_cache(p, False)
         results.update(train_students(p))
+        columns = inference_columns(p, list(results), checkpoint, lambda name: generate_cmd(p, name))
     except (StepFailed, build_corpus.CorpusError) as e:
         sys.exit("demo: %s" % e)
+    for name, r in results.items():
+        r.update(columns[name])
     text = report(p, results, {s: student_args(p, s) for s in a.students}, generate_cmd(p, "SYSTEM"),
-                  student_threads(a))
+                  student_threads(a), {role: shape(a, role) for role in ("teacher", "student")})
     write_lines(p.path("results.md"), text.split("\n"))
     docs = not a.quick and not a.data  # only the default corpus's full run is the repository's DEMO.md
     if docs:

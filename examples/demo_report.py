@@ -1,6 +1,7 @@
-"""The demo's markdown report: one table (params, updates, train time, BLEU, chrF per system) and everything
-needed to reproduce it (command, machine, data and its cleaning, sizes, criteria, decoding, sacreBLEU
-signatures)."""
+"""The demo's markdown report: one table (per system: params, checkpoint and int8 CTranslate2 sizes, updates,
+train time, BLEU and chrF, test-set speed of fairseq-generate and of the CTranslate2 export with the export's
+BLEU and chrF) and everything needed to reproduce it (command, machine, data and its cleaning, sizes,
+criteria, decoding, how speed was measured, sacreBLEU signatures)."""
 import datetime
 import os
 import platform
@@ -11,6 +12,7 @@ import time
 import build_corpus
 from demo_data import SPLITS, full_corpus_dir
 from demo_pipeline import REPO, read_lines
+from demo_speed import BATCH, BEAM
 
 
 def machine():
@@ -43,16 +45,21 @@ def cleaning_line(p):
         record["read"], record["kept"], record["dropped"], record["limits"])
 
 
-def report(p, results, criteria, decode_cmd, threads_per_student):
+def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
     """The markdown results. ``criteria``: {student: its fairseq-train arguments}; ``decode_cmd``: the
-    test decoding command of a system called SYSTEM; ``threads_per_student``: OpenMP threads of each."""
+    test decoding command of a system called SYSTEM; ``threads_per_student``: OpenMP threads of each;
+    ``shapes``: {"teacher"/"student": demo.shape()}."""
     a = p.args
     teacher_train = p.seconds.get("train-teacher", 0.0)
-    rows = ["| system | params | updates | train time (s) | BLEU | chrF |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| system | params | checkpoint (MB) | CT2 int8 (MB) | updates | train time (s) | BLEU | chrF "
+            "| fairseq sent/s | CT2 int8 sent/s | CT2 int8 BLEU | CT2 int8 chrF |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         label = "teacher" if name == "teacher" else "student: " + name
-        rows.append("| %s | %s | %d | %.0f | %.1f | %.1f |" % (
-            label, "{:,}".format(r["params"]), r["updates"], p.seconds.get("train-" + name, 0.0), r["bleu"], r["chrf"]))
+        rows.append("| %s | %s | %.2f | %.2f | %d | %.0f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |" % (
+            label, "{:,}".format(r["params"]), r["ckpt_mb"], r["ct2_mb"], r["updates"],
+            p.seconds.get("train-" + name, 0.0), r["bleu"], r["chrf"], r["fairseq_speed"], r["ct2_speed"],
+            r["ct2_bleu"], r["ct2_chrf"]))
     distill = sum(p.seconds.get("distill-" + s, 0.0) for s in ("train", "valid"))
     sizes = {s: len(read_lines(p.path("corpus", "%s.%s" % (s, a.tgt_lang)))) for s in SPLITS}
     first = next(iter(results.values()))
@@ -73,10 +80,10 @@ def report(p, results, criteria, decode_cmd, threads_per_student):
     ]
     lines += [line for line in [cleaning_line(p)] if line]
     lines += [
-        "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(a, "teacher"), a.teacher_epochs, teacher_train),
+        "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(shapes["teacher"]), a.teacher_epochs, teacher_train),
         "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that train on "
         "teacher-decoded targets batch by those targets' lengths, so their update counts differ)"
-        % (arch(a, "student"), a.student_epochs),
+        % (arch(shapes["student"]), a.student_epochs),
         "- Shared: adam lr %s, inverse_sqrt warmup %s, max-tokens %s, dropout %s, seed %s%s"
         % (a.lr, a.warmup, a.max_tokens, a.dropout, a.seed, ", max-update %s" % a.max_update if a.max_update else ""),
         "- Student criteria: %s" % "; ".join("%s: `%s`" % (s, " ".join(map(repo_relative, args)))
@@ -90,15 +97,37 @@ def report(p, results, criteria, decode_cmd, threads_per_student):
     lines += [
         "- Wall time of this run: %.0f s (%.1f min)%s" % (wall, wall / 60, reused),
         "- Decoding: stock `%s` (no --user-dir)" % " ".join(map(repo_relative, decode_cmd)),
+        speed_line(p, results),
         "- sacreBLEU: BLEU `%s`, chrF `%s`" % (first["bleu_signature"], first["chrf_signature"]),
         "",
     ]
     return "\n".join(lines)
 
 
-def arch(a, role):
-    return "layers %s+%s, d=%s, ffn %s, %s heads" % tuple(
-        getattr(a, "%s_%s" % (role, k)) for k in ("layers", "layers", "dim", "ffn", "heads"))
+def speed_line(p, results):
+    """How the size and speed columns were measured (demo_speed.py)."""
+    agree = ", ".join("%s %s%%" % (n, "%.0f" % r["ct2_agreement"] if r["ct2_agreement"] is not None else "-")
+                      for n, r in results.items())
+    return ("- Sizes and speed (examples/demo_speed.py): checkpoint = `checkpoint_last.pt` as saved (with "
+            "fairseq's optimizer state); CT2 int8 = every file of `kd-export --quantization int8`'s directory "
+            "(model.bin, vocabularies, spm.model, notes); its greedy output equals fairseq's on %s of 20 valid "
+            "sentences. Speed: the %d test sentences, after all training, one process at a time on %s, "
+            "one thread each (OMP_NUM_THREADS=1; CTranslate2 intra_threads=1, inter_threads=1), beam %d, "
+            "batches of %d (fairseq-generate's: ordered by source length), output cap floor(1.2 x (longest "
+            "source of the batch + EOS) + 10) tokens in both paths; %d repetition(s) interleaved round-robin "
+            "over systems and both paths (rotated each round), median shown; model loading excluded "
+            "(fairseq-generate: its own timer of the decoding loop, run with `--cpu --num-workers 0`; "
+            "CTranslate2: `translate_batch` calls timed, pieces in and out); CTranslate2's beam search keeps "
+            "its defaults otherwise (length_penalty 1 as fairseq's --lenpen 1); both paths' hypotheses are "
+            "detokenized alike and scored with the same sacreBLEU"
+            % (agree, len(read_lines(p.path("corpus", "test.%s" % p.args.tgt_lang))), machine(), BEAM, BATCH,
+               p.args.speed_reps))
+
+
+def arch(s):
+    """``layers E+D, d=..., ffn FE+FD, H heads`` of a shape (demo.shape: encoder+decoder)."""
+    return "layers %s+%s, d=%s, ffn %s+%s, %s heads (encoder+decoder)" % (
+        s["encoder_layers"], s["decoder_layers"], s["dim"], s["encoder_ffn"], s["decoder_ffn"], s["heads"])
 
 
 def repo_relative(arg):

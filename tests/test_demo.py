@@ -1,7 +1,10 @@
 """examples/demo.py end to end on a generated French-English corpus with a few dirty pairs (QUICK-sized models
 in full mode, a few updates): the table and its scores, the language pair in every path and in the report, the
-cleaning counts, the repository's docs/DEMO.md left alone, the students trained two at a time, a second run
-that reuses every step; and one-line errors for malformed TSVs and bad flags."""
+cleaning counts, the repository's docs/DEMO.md left alone, the students trained two at a time (the cached ones
+reading the top-8 teacher cache), the size and speed columns against the files and the speed phase's logs, the
+CTranslate2 path's scores, a second run that reuses every step; and one-line errors for malformed TSVs and bad
+flags. The speed phase's pure pieces: tests/test_demo_speed.py."""
+import json
 import os
 import random
 import re
@@ -14,6 +17,7 @@ from helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, "examples"))
 import build_corpus  # noqa: E402
+import demo_speed  # noqa: E402
 
 DEMO = os.path.join(REPO, "examples", "demo.py")
 DEMO_MD = os.path.join(REPO, "docs", "DEMO.md")
@@ -52,7 +56,7 @@ def write_tsv(path, n=2000, seed=0, dirty=False):
 def demo(work, tsv, *extra, **kw):
     cmd = [sys.executable, DEMO, "--work", work, "--data", tsv, "--train-pairs", "300",
            "--valid-pairs", "40", "--test-pairs", "40", "--bpe-size", "64", "--max-tokens", "200",
-           "--max-update", str(UPDATES), "--jobs", "2", *extra]
+           "--max-update", str(UPDATES), "--jobs", "2", "--speed-reps", "1", *extra]
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.STDOUT), text=True,
                           timeout=900, cwd=REPO)
 
@@ -86,12 +90,22 @@ def runs(tmp_path_factory):
     return first, second, work, lines
 
 
+ROW = re.compile(r"^\| (teacher|student: [\w-]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| \d+ \| ([\d.]+) "
+                 r"\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", re.M)
+
+
+def full_table(output):
+    """{system: {column: value}} from the printed markdown table."""
+    keys = ("params", "ckpt_mb", "ct2_mb", "updates", "bleu", "chrf", "fairseq_speed", "ct2_speed", "ct2_bleu",
+            "ct2_chrf")
+    return {m[0].replace("student: ", ""): dict(zip(keys, [int(m[1].replace(",", ""))] + [float(x) for x in m[2:4]]
+                                                    + [int(m[4])] + [float(x) for x in m[5:]]))
+            for m in ROW.findall(output)}
+
+
 def table(output):
     """{system: (params, updates, BLEU, chrF)} from the printed markdown table."""
-    rows = re.findall(r"^\| (teacher|student: [\w-]+) \| ([\d,]+) \| (\d+) \| \d+ \| ([\d.]+) \| ([\d.]+) \|$",
-                      output, re.M)
-    return {name.replace("student: ", ""): (int(params.replace(",", "")), int(updates), float(bleu), float(chrf))
-            for name, params, updates, bleu, chrf in rows}
+    return {name: (r["params"], r["updates"], r["bleu"], r["chrf"]) for name, r in full_table(output).items()}
 
 
 def intervals(output):
@@ -133,6 +147,50 @@ def test_scores_are_sacrebleu_of_the_decoded_test_set(runs):
         assert chrf == pytest.approx(CHRF().corpus_score(hyps, [refs]).score, abs=0.05) and chrf > 0
 
 
+def test_size_and_speed_columns_are_measured(runs):
+    """Per system: the sizes are those of the checkpoint and of the int8 export's files; fairseq-generate's
+    speed is what its speed-phase log prints, CTranslate2's what its timing printed, over all 40 test sentences."""
+    first, _, work, _ = runs
+    rows = full_table(first.stdout)
+    assert list(rows) == ["teacher"] + list(STUDENTS)
+    for name, r in rows.items():
+        ckpt, export = (os.path.join(work, d, name) for d in ("ckpt", "export"))
+        assert r["ckpt_mb"] == pytest.approx(os.path.getsize(os.path.join(ckpt, "checkpoint_last.pt")) / 1e6,
+                                             abs=0.0051)
+        assert {"model.bin", "spm.model", "kd_export.json"} <= set(os.listdir(export))
+        assert r["ct2_mb"] == pytest.approx(sum(os.path.getsize(os.path.join(export, f)) for f in os.listdir(export))
+                                            / 1e6, abs=0.0051)
+        log = read(os.path.join(work, "logs", "speed-%s-fairseq-r1.log" % name))
+        cmd = log.splitlines()[0]
+        assert os.path.realpath(cmd.split()[1]) == os.path.realpath(demo_speed.tool("fairseq-generate"))
+        assert "--beam 5 --batch-size 64" in cmd and cmd.endswith("--max-len-b 10 --cpu --num-workers 0")
+        timed = dict(re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", log, re.M))  # the timed decode is the scored one
+        assert [timed[str(i)] for i in range(40)] == read(os.path.join(work, "eval", "%s.hyp" % name)).splitlines()
+        sentences, _, speed = demo_speed.parse_generate_speed(log)
+        assert sentences == 40 and speed > 0 and r["fairseq_speed"] == pytest.approx(speed, abs=0.051)
+        timing = json.loads(read(os.path.join(work, "logs", "speed-%s-ct2-r1.log" % name)).splitlines()[-1])
+        assert timing["sentences"] == 40 and timing["seconds"] > 0
+        assert r["ct2_speed"] == pytest.approx(timing["sentences_per_s"], abs=0.051)
+    assert all(rows["teacher"][k] > rows[s][k] for s in STUDENTS for k in ("params", "ckpt_mb", "ct2_mb"))
+    assert re.search(r"^- Sizes and speed .* one thread each .* beam 5, batches of 64 .* 1 repetition\(s\) "
+                     r"interleaved round-robin", first.stdout, re.M)
+
+
+def test_ct2_scores_are_sacrebleu_of_its_hypotheses(runs):
+    """The CTranslate2 column's BLEU/chrF = sacreBLEU of the hypotheses it wrote (40, detokenized like
+    fairseq-generate's: no sentencepiece marks) against the test references."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    first, _, work, _ = runs
+    refs = read(os.path.join(work, "corpus", "test.en")).splitlines()
+    for name, r in full_table(first.stdout).items():
+        hyps = read(os.path.join(work, "eval", "%s.ct2.hyp" % name)).splitlines()
+        assert len(hyps) == len(refs) == 40 and not any("\u2581" in h for h in hyps)
+        assert r["ct2_bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score, abs=0.051)
+        assert r["ct2_chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score, abs=0.051)
+        assert r["ct2_chrf"] > 0
+
+
 def test_language_pair_names_every_path_and_the_report(runs):
     first, _, work, _ = runs
     files = [os.path.relpath(os.path.join(d, f), work) for d, _, fs in os.walk(work) for f in fs]
@@ -162,20 +220,47 @@ def test_dirty_pairs_are_cleaned_and_counted(runs):
     assert max(map(len, corpus)) < 100 and "same words" not in corpus  # nothing dirty reached fairseq
 
 
-def test_students_train_two_at_a_time_online_teacher_first(runs):
+def test_students_train_two_at_a_time_costliest_first(runs):
     first, _, _, _ = runs
     steps = intervals(first.stdout)
-    student_steps = {"%s-%s" % (kind, s): steps["%s-%s" % (kind, s)] for s in STUDENTS for kind in ("train", "eval")}
-    # students start only after distillation, and each one's test decoding follows its own training
-    assert min(start for start, _ in student_steps.values()) >= steps["distill-valid"][1]
+    student_steps = {"%s-%s" % (kind, s): steps["%s-%s" % (kind, s)] for s in STUDENTS
+                     for kind in ("train", "eval", "export")}
+    # students start only after distillation and the cache dump; each one's test decoding follows its own
+    # training, its export its decoding; the speed phase follows everything
+    assert steps["cache8-train"][0] >= steps["distill-valid"][1]
+    assert min(start for start, _ in student_steps.values()) >= steps["cache8-valid"][1]
     assert all(steps["eval-" + s][0] >= steps["train-" + s][1] for s in STUDENTS)
+    assert all(steps["export-" + s][0] >= steps["eval-" + s][1] for s in STUDENTS)
+    assert steps["speed"][0] >= max(end for step, (_, end) in steps.items() if step != "speed")
     running = [sum(1 for start, end in student_steps.values() if start <= t < end)
                for t, _ in student_steps.values()]
     assert max(running) == 2
     order = sorted(STUDENTS, key=lambda s: steps["train-" + s][0])
-    assert set(order[:2]) == {"token", "hybrid"}  # the students that run the teacher start first
+    assert set(order[:2]) == {"token", "hybrid"}  # the students that read the cache start first
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert "students (training and test decoding) %d, 2 students at a time" % threads in first.stdout
+
+
+def test_cached_students_read_the_top8_cache(runs):
+    """token and hybrid train from WORK/cache8 (kd-dump-teacher --topk 8 of train and valid), never the online
+    teacher; sentence reads the distilled targets; plain neither."""
+    _, _, work, _ = runs
+
+    def command(step):
+        with open(os.path.join(work, "logs", step + ".log")) as f:
+            return f.readline()[2:].split()
+
+    for name in ("token", "hybrid"):
+        cmd = command("train-" + name)
+        assert cmd[cmd.index("--teacher-cache") + 1] == os.path.join(work, "cache8")
+        assert cmd[cmd.index("--kd-topk") + 1] == "8" and "--teacher-path" not in cmd
+    assert "--kd-gate" not in command("train-hybrid")  # hybrid_kd's default rule
+    for split in ("train", "valid"):
+        dump = command("cache8-%s.0" % split)
+        assert dump[dump.index("--topk") + 1] == "8" and dump[dump.index("--split") + 1] == split
+        assert os.path.isfile(os.path.join(work, "cache8", "%s.topk.json" % split))
+    assert "--teacher-targets" in command("train-sentence") and "--teacher-cache" not in command("train-sentence")
+    assert not {"--teacher-cache", "--teacher-path", "--teacher-targets"} & set(command("train-plain"))
 
 
 def test_second_run_reuses_every_step(runs):
@@ -225,6 +310,7 @@ def test_malformed_tsv_is_one_line_naming_the_file(tmp_path, content, message):
 
 @pytest.mark.parametrize("flags, message", [
     (["--jobs", "0"], "--jobs must be >= 1 (got 0)"),
+    (["--speed-reps", "0"], "--speed-reps must be >= 1 (got 0)"),
     (["--src-lang", "fr"], "--src-lang/--tgt-lang: the default corpus is de-en; pass --data FILE.tsv for fr-en"),
     (["--src-lang", "en"], "--src-lang and --tgt-lang are both 'en'"),
     (["--tgt-lang", "en.x"], "--tgt-lang: 'en.x' is not a language code (letters, digits, _)"),
