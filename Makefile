@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kd-setup-done
 SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py
 
-.PHONY: setup test test-fast demo demo-quick bench gpu-bundle gpu-check clean
+.PHONY: setup test test-fast demo demo-quick study study-quick bench gpu-bundle gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_DEPS)
@@ -28,6 +28,13 @@ demo: setup
 
 demo-quick: setup
 	QUICK=1 $(VPY) examples/demo.py $(DEMO_ARGS)
+
+# The KD study (docs/STUDY.md): the full grid (resumable, ~2 h on 2 cores) and its --quick smoke grid
+study: setup
+	$(VPY) examples/study.py --plot docs $(STUDY_ARGS)
+
+study-quick: setup
+	$(VPY) examples/study.py --quick $(STUDY_ARGS)
 
 bench: setup
 	$(VPY) benchmarks/bench_kd.py $(BENCH_ARGS)

@@ -82,3 +82,20 @@ def test_per_side_architecture_flags_default_to_the_shared_ones():
     teacher = dict(zip(*[iter(demo.model_args(a, "teacher")[3:])] * 2))
     assert teacher["--encoder-ffn-embed-dim"] == teacher["--decoder-ffn-embed-dim"] == 300
     assert demo_report.arch(demo.shape(a, "student")) == "layers 3+1, d=64, ffn 256+96, 2 heads (encoder+decoder)"
+
+
+def test_params_are_the_models_trainable_parameters(data_bin, tmp_path):
+    """demo.count_params of a saved checkpoint = the trainable parameters of the model fairseq builds (shared
+    embeddings once), not counting fairseq's frozen BetterTransformer copies of encoder weights, which the
+    checkpoint does hold; for a 2+1-layer shape too."""
+    from inproc import build
+
+    arch = ["--arch", "transformer", "--share-decoder-input-output-embed", "--encoder-layers", "2", "--decoder-layers", "1",
+            "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "48",
+            "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+    _, _, model, _ = build(data_bin, "--criterion", "cross_entropy", arch=arch)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"model": model.state_dict()}, path)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert any(demo.BT_COPY_RE.search(k) for k in model.state_dict())  # the copies are really saved
+    assert demo.count_params(path) == trainable

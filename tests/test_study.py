@@ -1,0 +1,162 @@
+"""examples/study.py: the --quick grid on a generated corpus (tiny models, a few updates), run twice: one record
+per (cell, method, seed) whose scores are sacreBLEU of its hypotheses, the complexity levels and their measures
+recomputed here from the BPE files, the sliced level data (binarized corpus, teacher targets, top-K cache)
+equal to the full run's entries, a second run that trains nothing; one-line errors for bad flags."""
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+from test_demo import TINY, write_tsv
+
+sys.path.insert(0, os.path.join(REPO, "examples"))
+import study  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "examples", "study.py")
+UPDATES = 8
+METHODS = ("plain", "hybrid")  # hybrid reads both sliced teacher outputs (cache and decoded targets)
+CELLS = ["centre", "complexity-low", "complexity-high", "size-l1-d16-f32-h2", "size-l1-d48-f96-h2",
+         "decoding-greedy", "decoding-sample"]
+LEVELS = ("low", "mid", "high")
+
+
+def run_study(work, tsv, results, *extra):
+    cmd = [sys.executable, SCRIPT, "--quick", "--results", results, "--work", work, "--data", tsv,
+           "--src-lang", "fr", "--tgt-lang", "en", "--train-pairs", "300", "--valid-pairs", "60",
+           "--test-pairs", "60", "--bpe-size", "64", "--max-tokens", "200", "--max-update", "12",
+           "--updates", str(UPDATES), "--methods", ",".join(METHODS), "--distill-shards", "2", *TINY, *extra]
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    tsv, work, results = str(tmp / "pairs.tsv"), str(tmp / "work"), str(tmp / "study.json")
+    write_tsv(tsv)
+    first = run_study(work, tsv, results, "--plot", str(tmp / "plots"))
+    assert first.returncode == 0, first.stdout[-4000:]
+    second = run_study(work, tsv, results)
+    assert second.returncode == 0, second.stdout[-4000:]
+    with open(results) as f:
+        return first.stdout, second.stdout, json.load(f), work, tmp
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def test_one_record_per_cell_method_seed_scored_on_its_hypotheses(grid):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    _, _, records, _, _ = grid
+    assert sorted((r["cell"], r["method"], r["seed"]) for r in records) == \
+        sorted((c, m, 1) for c in CELLS for m in METHODS)
+    for r in records:
+        hyps, refs = read(os.path.join(REPO, r["hyps"])), read(os.path.join(REPO, r["refs"]))
+        assert len(hyps) == len(refs) and r["complexity"] in r["refs"]
+        assert r["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
+        assert r["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
+        assert r["updates"] == UPDATES and r["valid"][-1]["updates"] == UPDATES and r["train_seconds"] > 0
+        assert ("hybrid_kd" in r["flags"]) == (r["method"] == "hybrid")
+    # the decoding cells decode the centre students again: same training, other hypotheses files
+    centre = {r["method"]: r for r in records if r["cell"] == "centre"}
+    for r in records:
+        if r["cell"].startswith("decoding-"):
+            assert r["valid"] == centre[r["method"]]["valid"] and r["hyps"] != centre[r["method"]]["hyps"]
+
+
+def test_complexity_levels_and_measures_recomputed_from_the_bpe_files(grid):
+    _, _, records, work, _ = grid
+    bpe = {s: [line.split() for line in read(os.path.join(work, "bpe", "%s.fr" % s))] for s in ("train", "test")}
+    s = sorted(len(x) for x in bpe["train"])
+    t1, t2 = s[math.ceil(len(s) / 3) - 1], s[math.ceil(2 * len(s) / 3) - 1]
+    counts = Counter(p for x in bpe["train"] for p in x)
+    top = set(sorted(counts, key=lambda p: (-counts[p], p))[:64 // 4])
+    means = {}
+    for lv, (lo, hi) in zip(LEVELS, ((-1, t1), (t1, t2), (t2, 10 ** 9))):
+        m = next(r for r in records if r["complexity"] == lv and r["method"] == "plain")["measures"]["complexity"]
+        assert m["thresholds"] == [t1, t2] and m["rare_top"] == 16
+        for split in ("train", "test"):
+            chosen = [x for x in bpe[split] if lo < len(x) <= hi]
+            pieces = [p for x in chosen for p in x]
+            assert m[split]["pairs"] == len(chosen)
+            assert m[split]["mean_len"] == pytest.approx(np.mean([len(x) for x in chosen]))
+            assert m[split]["rare_rate"] == pytest.approx(sum(p not in top for p in pieces) / len(pieces))
+            means[lv, split] = m[split]["mean_len"]
+        # the level's test references are the chosen pairs' targets, in corpus order
+        en = read(os.path.join(work, "corpus", "test.en"))
+        assert read(os.path.join(work, "study", lv, "corpus", "test.en")) == \
+            [e for e, x in zip(en, bpe["test"]) if lo < len(x) <= hi]
+        hyps = read(os.path.join(work, "study", lv, "eval", "teacher-beam5.hyp"))
+        from sacrebleu.metrics import BLEU
+
+        refs = read(os.path.join(work, "study", lv, "corpus", "test.en"))
+        assert m["teacher_bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
+    for split in ("train", "test"):  # the documented order: low < mid < high
+        assert means["low", split] < means["mid", split] < means["high", split]
+    params = {r["size"]: r["params"] for r in records if r["cell"].startswith("size-") or r["cell"] == "centre"}
+    assert sorted(params.values()) == [params[s] for s in ("l1-d16-f32-h2", "l1-d32-f64-h2", "l1-d48-f96-h2")]
+
+
+def test_level_data_are_the_full_runs_entries(grid):
+    """Binarized sources, teacher-decoded targets and cached top-K rows of a level = the full run's, by id."""
+    from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+    _, _, _, work, _ = grid
+    level = os.path.join(work, "study", "high")
+    with open(os.path.join(level, "ids.json")) as f:
+        ids = json.load(f)["train"]
+    full_src = MMapIndexedDataset(os.path.join(work, "data-bin", "train.fr-en.fr"))
+    sub_src = MMapIndexedDataset(os.path.join(level, "data-bin", "train.fr-en.fr"))
+    full_t = MMapIndexedDataset(os.path.join(work, "distill", "train.fr-en.en"))
+    sub_t = MMapIndexedDataset(os.path.join(level, "distill", "train.fr-en.en"))
+    assert len(sub_src) == len(sub_t) == len(ids)
+    full_off = np.fromfile(os.path.join(work, "cache8", "train.topk.idx"), dtype="<i8")
+    sub_off = np.fromfile(os.path.join(level, "cache8", "train.topk.idx"), dtype="<i8")
+    full_lp = np.fromfile(os.path.join(work, "cache8", "train.topk.lprobs.f16"), dtype="<f2").reshape(-1, 8)
+    sub_lp = np.fromfile(os.path.join(level, "cache8", "train.topk.lprobs.f16"), dtype="<f2").reshape(-1, 8)
+    for j, i in enumerate(ids):
+        assert sub_src[j].tolist() == full_src[i].tolist() and sub_t[j].tolist() == full_t[i].tolist()
+        assert np.array_equal(sub_lp[sub_off[j]:sub_off[j + 1]], full_lp[full_off[i]:full_off[i + 1]])
+    with open(os.path.join(level, "cache8", "train.topk.json")) as f:
+        assert json.load(f)["count"] == len(ids)
+
+
+def test_second_run_trains_nothing_and_prints_the_tables_and_plots(grid):
+    first, second, _, _, tmp = grid
+    assert "running" not in second
+    table = [line for line in first.splitlines() if line.startswith("|")]
+    assert table == [line for line in second.splitlines() if line.startswith("|")]
+    assert any(line.startswith("| mid (centre) |") for line in table)
+    assert sorted(os.listdir(tmp / "plots")) == ["study_complexity.png", "study_decoding.png", "study_size.png"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "token,sentence"], "--methods: plain is needed"),
+    (["--methods", "plain,word"], "--methods: 'plain,word'"),
+    (["--sizes", "1:32:64:2,1:64:256:2"], "--sizes: an odd number"),
+    (["--sizes", "1:30:64:4"], "--sizes: an odd number"),
+    (["--decodings", "beam9"], "--decodings: 'beam9'"),
+    (["--updates", "-1"], "--updates must be >= 0"),
+    (["--seeds", "a"], "--seeds / --sizes: integers expected"),
+    (["--student-dim", "x"], "argument --student-dim: invalid int value"),
+])
+def test_bad_flags_one_line_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.parse_args(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("study: error: " + message), err
+
+
+def test_bad_flag_from_the_command_line(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, "--jobs", "0", "--work", str(tmp_path / "w")], cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr == "study: error: --jobs must be >= 1 (got 0)\n"
+    assert not os.path.exists(tmp_path / "w")
