@@ -200,10 +200,14 @@ def dump_cache(p, on_targets, k=CACHE_TOPK):
     out, exe, shards = p.path(name), tool("kd-dump-teacher"), p.args.distill_shards
     for split in ("train", "valid"):
         cmd = [exe, "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"), "--split", split,
-               "--topk", k, "--out", out, "--max-tokens", "4000", "--overwrite", "--cpu-threads", "1"]
+               "--topk", k, "--out", out, "--max-tokens", "4000", "--overwrite"]
         cmd += ["--targets", p.path("distill")] if on_targets else []
+        if shards == 1:  # one process (torch's threads), no shard files to merge
+            p.run("%s-%s" % (name, split), cmd)
+            continue
         merge = [exe, "merge", "--out", out, "--split", split, "--overwrite"] + (["--on-targets"] if on_targets else [])
-        p.run("%s-%s" % (name, split), [cmd + ["--num-shards", shards, "--shard-id", i] for i in range(shards)], merge)
+        p.run("%s-%s" % (name, split), [cmd + ["--cpu-threads", "1", "--num-shards", shards, "--shard-id", i]
+                                         for i in range(shards)], merge)
     return out
 
 

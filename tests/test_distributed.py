@@ -31,7 +31,7 @@ CASES = {
     "sentence_kd": lambda t, targets, cache: ["--criterion", "sentence_kd", "--teacher-targets", targets],
     "hybrid_kd_fixed": lambda t, targets, cache: ["--criterion", "hybrid_kd", "--kd-gate", "fixed:0.5",
                                                   "--teacher-path", t, "--teacher-targets", targets],
-    "hybrid_kd": lambda t, targets, cache: ["--criterion", "hybrid_kd", "--teacher-path", t,
+    "hybrid_kd": lambda t, targets, cache: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", t,
                                             "--teacher-targets", targets],
 }
 BACKENDS = ["pytorch_ddp", "legacy_ddp"]

@@ -39,8 +39,8 @@ def test_spearman_averages_tied_ranks():
 def student(tmp_path_factory, data_bin, teacher, teacher_targets):
     """A hybrid_kd student with a learned sentence gate, 3 updates."""
     save = str(tmp_path_factory.mktemp("hybrid"))
-    kd_train(data_bin, save, "--criterion", "hybrid_kd", "--teacher-path", teacher, "--teacher-targets",
-             teacher_targets, "--label-smoothing", "0.1", max_update=3)
+    kd_train(data_bin, save, "--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", teacher,
+             "--teacher-targets", teacher_targets, "--label-smoothing", "0.1", max_update=3)
     return os.path.join(save, "checkpoint_last.pt")
 
 

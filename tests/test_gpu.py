@@ -42,7 +42,7 @@ CASES = {  # case -> criterion flags, from the fixtures by name
     "token_kd-online": lambda f: ["--criterion", "token_kd", "--teacher-path", f("teacher")],
     "token_kd-cache": lambda f: ["--criterion", "token_kd", "--kd-topk", K, "--teacher-cache", f("cache")],
     "sentence_kd": lambda f: ["--criterion", "sentence_kd", "--teacher-targets", f("teacher_targets")],
-    "hybrid_kd": lambda f: ["--criterion", "hybrid_kd", "--teacher-path", f("teacher"),
+    "hybrid_kd": lambda f: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", f("teacher"),
                             "--teacher-targets", f("teacher_targets")],
 }
 

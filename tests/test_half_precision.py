@@ -23,7 +23,8 @@ TOL = {"fp16": (5e-3, 5e-2), "bf16": (3e-2, 2e-1)}
 CASES = {
     "token_kd": lambda t, tt: ["--criterion", "token_kd", "--teacher-path", t],
     "sentence_kd": lambda t, tt: ["--criterion", "sentence_kd", "--teacher-targets", tt],
-    "hybrid_kd": lambda t, tt: ["--criterion", "hybrid_kd", "--teacher-path", t, "--teacher-targets", tt],
+    "hybrid_kd": lambda t, tt: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", t,
+                                "--teacher-targets", tt],
 }
 
 

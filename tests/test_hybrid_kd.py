@@ -38,7 +38,7 @@ def test_gate_gradient_is_its_bce_alone_and_mix_gives_none(data_bin, teacher, te
     """The gate's parameters get exactly the gradient of lambda_g * BCE(sigmoid(z), t) * sample_size / B (the
     BCE per sentence once fairseq divides by sample_size), nothing from the mix; with lambda_g = 0, none at all.
     The gate's input is detached: its BCE does not reach the student."""
-    _, task, model, hybrid = _build(data_bin, teacher, teacher_targets, "hybrid_kd")
+    _, task, model, hybrid = _build(data_bin, teacher, teacher_targets, "hybrid_kd", "--kd-gate", "sentence")
     sample = first_batch(task)
     bsz = sample["target"].size(0)
     seen = {}
@@ -207,8 +207,8 @@ def _gate_stats(log):
 
 def test_hybrid_trains_gate_is_checkpointed_and_does_not_collapse(data_bin, teacher, teacher_targets, tmp_path):
     save = str(tmp_path / "h")
-    common = ["--criterion", "hybrid_kd", "--teacher-path", teacher, "--teacher-targets", teacher_targets,
-              "--label-smoothing", "0.1"]
+    common = ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", teacher, "--teacher-targets",
+              teacher_targets, "--label-smoothing", "0.1"]
     log = kd_train(data_bin, save, *common, max_update=150)
     # no collapse: the mean gate stays inside (0.15, 0.85) and it varies across sentences to the end
     for mean, std in _gate_stats(log)[-5:]:

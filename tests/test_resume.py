@@ -24,7 +24,8 @@ from kd_plugin.cli import distill_corpus, dump_teacher
 MAX_UPDATE, SAVE_EVERY, KILL_AT = 20, 5, 7  # an epoch is 18 updates: the resumed run crosses into epoch 2
 RUN_FLAGS = ["--log-interval", 1, "--save-interval-updates", SAVE_EVERY, "--disable-validation"]
 CRITERIA = {
-    "hybrid_kd": lambda t, targets: ["--criterion", "hybrid_kd", "--teacher-path", t, "--teacher-targets", targets],
+    "hybrid_kd": lambda t, targets: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", t,
+                                     "--teacher-targets", targets],
     "token_kd_global": lambda t, targets: ["--criterion", "token_kd", "--teacher-path", t, "--kd-select", "global",
                                            "--kd-select-rate", "0.3", "--kd-select-queue", "2000"],
 }
