@@ -23,10 +23,12 @@ import concurrent.futures
 import json
 import os
 import re
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
+import demo_speed  # noqa: E402
 from demo_pipeline import REPO, StepFailed, read_lines, tool  # noqa: E402
 from demo_report import repo_relative  # noqa: E402
 
@@ -108,13 +110,51 @@ def merge_records(path, records):
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-    keys = {(r["config"], r["seed"], r["epochs"]) for r in records}
+    keys = {(r["config"], r["seed"], r["epochs"]): r for r in records}
+    for r in old:  # a run scored again without --speed keeps its timings if it decodes the same (same model)
+        new = keys.get((r["config"], r["seed"], r["epochs"]))
+        if new is not None and "ct2_speed" not in new and (r["bleu"], r["updates"]) == (new["bleu"], new["updates"]):
+            new.update({k: r[k] for k in SPEED_FIELDS if k in r})
     merged = [r for r in old if (r["config"], r["seed"], r["epochs"]) not in keys] + records
     merged.sort(key=lambda r: (r["config"], r["epochs"], r["seed"]))
     with open(path + ".tmp", "w") as f:
         json.dump(merged, f, indent=1)
     os.replace(path + ".tmp", path)
     return merged
+
+
+SPEED_FIELDS = ("ckpt_mb", "ct2_mb", "ct2_agreement", "ct2_bleu", "ct2_chrf", "fairseq_speed", "ct2_speed")
+
+
+def measure_speed(p, records, reps):
+    """Export every run of ``records`` (kd-export int8) and time its test decoding with stock fairseq-generate
+    and with the export, one process and one thread at a time, interleaved over ``reps`` rounds (the demo's
+    speed phase, step "speed-compare"); adds params, sizes, median sentences/s and the export's BLEU/chrF."""
+    names = [run_name(r["config"], r["seed"], r["epochs"]) for r in records]
+    view = p.with_threads(1)
+    for name in names:
+        demo_speed.export(view, name, demo.checkpoint(view, name))
+    speed = demo_speed.speed_phase(view, names, reps, lambda n: demo.generate_cmd(view, n), step="speed-compare")
+    refs = read_lines(p.path("corpus", "test.%s" % p.args.tgt_lang))
+    for r, name in zip(records, names):
+        r.update(demo_speed.sizes(view, name, demo.checkpoint(view, name)), **demo_speed.ct2_scores(view, name, refs),
+                 params=demo.count_params(demo.checkpoint(view, name)),
+                 fairseq_speed=statistics.median(speed[name]["fairseq"]), ct2_speed=statistics.median(speed[name]["ct2"]))
+    return records
+
+
+def speed_report(records, configs):
+    """Markdown: per configuration params, median over seeds of both paths' sentences/s, the export's BLEU."""
+    lines = ["| config | params | fairseq-generate sent/s | CTranslate2 int8 sent/s | BLEU fairseq / int8 |",
+             "|---|---:|---:|---:|---|"]
+    for c in configs:
+        rs = [r for r in records if r["config"] == c and "ct2_speed" in r]
+        if rs:
+            lines.append("| %s | %s | %.1f | %.1f | %.2f / %.2f |" % (
+                c, "{:,}".format(rs[0]["params"]), statistics.median(r["fairseq_speed"] for r in rs),
+                statistics.median(r["ct2_speed"] for r in rs), statistics.mean(r["bleu"] for r in rs),
+                statistics.mean(r["ct2_bleu"] for r in rs)))
+    return "\n".join(lines)
 
 
 def paired_bootstrap(hyps_a, hyps_b, refs, resamples=1000, seed=12345):
@@ -140,7 +180,6 @@ def paired_bootstrap(hyps_a, hyps_b, refs, resamples=1000, seed=12345):
 
 def report(records, configs, seeds, epochs, baseline, refs):
     """Markdown table: per configuration mean/std BLEU and chrF, last valid ppl, train s, bootstrap vs baseline."""
-    import statistics
 
     rows = {c: [r for r in records if r["config"] == c and r["epochs"] == epochs and r["seed"] in seeds]
             for c in configs}
@@ -207,6 +246,9 @@ def parse_args(argv=None):
     parser.add_argument("--results", default=os.path.join(REPO, "docs", "mix_results.json"))
     parser.add_argument("--report", action="store_true", help="only print the table from --results")
     parser.add_argument("--plot", help="also write a PNG: BLEU per configuration and seed, validation curves")
+    parser.add_argument("--speed", type=int, default=0, metavar="REPS",
+                        help="also export every run to CTranslate2 int8 and time both decoding paths, interleaved "
+                             "over REPS rounds, one thread (the demo's speed phase); 0: no timing")
     args, rest = parser.parse_known_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in args.configs if c not in CONFIGS]
@@ -216,8 +258,8 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         parser.error("--seeds: comma-separated integers, got %r" % args.seeds)
-    if args.epochs < 1 or not args.seeds:
-        parser.error("--epochs must be >= 1 and --seeds non-empty")
+    if args.epochs < 1 or not args.seeds or args.speed < 0:
+        parser.error("--epochs must be >= 1, --seeds non-empty and --speed >= 0")
     args.baseline = args.baseline or args.configs[0]
     return args, demo.parse_args(rest + ["--students", "plain"])  # demo's flags: sizes, --work, --jobs, --quick
 
@@ -251,6 +293,8 @@ def main(argv=None):
                         records.append(future.result())
                     except StepFailed as e:
                         print("compare_mix: %s" % e, file=sys.stderr)
+            if args.speed and len(records) == len(runs):
+                records = measure_speed(p, records, args.speed)
             merge_records(args.results, records)
             if len(records) < len(runs):
                 sys.exit("compare_mix: %d of %d runs failed (see above); rerun to retry them"
@@ -260,6 +304,10 @@ def main(argv=None):
     with open(args.results) as f:
         records = json.load(f)
     print(report(records, args.configs, args.seeds, args.epochs, args.baseline, read_lines(refs_path)))
+    chosen = [r for r in records if r["config"] in args.configs and r["seed"] in args.seeds
+              and r["epochs"] == args.epochs]
+    if any("ct2_speed" in r for r in chosen):
+        print(speed_report(chosen, args.configs))
     if args.plot:
         plot(records, args.configs, args.seeds, args.epochs, args.plot)
 

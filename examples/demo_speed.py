@@ -153,25 +153,25 @@ def measure_one(p, rep, name, path, fairseq_cmd):
         return json.loads(f.read().strip().splitlines()[-1])["sentences_per_s"]
 
 
-def speed_phase(p, systems, reps, fairseq_cmd):
-    """The cached step ``speed``: every (system, path) timed ``reps`` times in schedule() order, one process
-    at a time with one thread; WORK/speed.json = {system: {path: [sentences/s per repetition]}}.
+def speed_phase(p, systems, reps, fairseq_cmd, step="speed"):
+    """The cached step ``step``: every (system, path) timed ``reps`` times in schedule() order, one process
+    at a time with one thread; WORK/STEP.json = {system: {path: [sentences/s per repetition]}}.
     ``fairseq_cmd(name)``: the system's fairseq-generate command."""
     plan = {"systems": list(systems), "reps": reps, "beam": BEAM, "batch": BATCH}
-    done = p.cached("speed")
+    done = p.cached(step)
     if done is not None and done.get("cmd") != plan:
-        p.progress("speed", "made for other systems or repetitions: measuring again")
-        os.remove(p.path("done", "speed.json"))
+        p.progress(step, "made for other systems or repetitions: measuring again")
+        os.remove(p.path("done", step + ".json"))
     view = p.with_threads(1)
 
     def run():
         found = {name: {path: [] for path in PATHS} for name in systems}
         for rep, name, path in schedule(list(systems), reps):
             found[name][path].append(measure_one(view, rep, name, path, [str(c) for c in fairseq_cmd(name)]))
-        write_lines(p.path("speed.json"), [json.dumps(found)])
+        write_lines(p.path(step + ".json"), [json.dumps(found)])
 
-    p.step("speed", run, plan)
-    with open(p.path("speed.json")) as f:
+    p.step(step, run, plan)
+    with open(p.path(step + ".json")) as f:
         return json.load(f)
 
 

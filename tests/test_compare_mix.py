@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     tsv, work, results = str(tmp / "pairs.tsv"), str(tmp / "work"), str(tmp / "mix.json")
     write_tsv(tsv)
-    first = compare(work, tsv, results)
+    first = compare(work, tsv, results, "--speed", "1")
     assert first.returncode == 0, first.stdout[-4000:]
     second = compare(work, tsv, results)
     assert second.returncode == 0, second.stdout[-4000:]
@@ -62,8 +62,9 @@ def test_second_run_trains_nothing_and_prints_the_same_table(runs):
     first, second, _, _ = runs
     assert "running" not in second
     table = [line for line in first.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(CONFIGS) and table == [line for line in second.splitlines() if line.startswith("|")]
-    assert "p = " in table[-1]  # mix-word tested against token-cache8
+    assert len(table) == 2 * (2 + len(CONFIGS))  # the scores, then the speed table
+    assert table == [line for line in second.splitlines() if line.startswith("|")]
+    assert "p = " in table[1 + len(CONFIGS)]  # mix-word tested against token-cache8
 
 
 def test_paired_bootstrap_matches_the_corpus_difference():
@@ -77,3 +78,26 @@ def test_paired_bootstrap_matches_the_corpus_difference():
     assert lo <= direct <= hi and abs(d - direct) < 2 and p == 0.0
     same = compare_mix.paired_bootstrap(good, good, refs, resamples=50)
     assert same[:3] == (0.0, 0.0, 0.0) and same[3] == 1.0
+
+
+def test_speed_columns_are_measured_per_run(runs):
+    """--speed 1: every run exported and timed once per path (the logs' numbers), the export's BLEU is
+    sacreBLEU of its hypotheses, the printed speed table has one row per configuration; the second run
+    (no --speed) keeps the fields and measures nothing again."""
+    from sacrebleu.metrics import BLEU
+
+    first, second, records, work = runs
+    refs = compare_mix.read_lines(os.path.join(work, "corpus", "test.en"))
+    with open(os.path.join(work, "speed-compare.json")) as f:
+        timed = json.load(f)
+    for r in records:
+        name = compare_mix.run_name(r["config"], r["seed"], r["epochs"])
+        assert r["fairseq_speed"] == timed[name]["fairseq"][0] > 0 and r["ct2_speed"] == timed[name]["ct2"][0] > 0
+        log = open(os.path.join(work, "logs", "speed-%s-fairseq-r1.log" % name)).read()
+        assert compare_mix.demo_speed.parse_generate_speed(log)[2] == r["fairseq_speed"]
+        hyps = compare_mix.read_lines(os.path.join(work, "eval", "%s.ct2.hyp" % name))
+        assert r["ct2_bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score)
+        assert r["ct2_mb"] > 0 and r["params"] > 0
+    for out in (first, second):
+        assert "| CTranslate2 int8 sent/s |" in out and sum(("| %s | " % c) in out.split("sent/s")[-1]
+                                                             for c in CONFIGS) == len(CONFIGS)
