@@ -74,7 +74,7 @@ DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),
     "student_layers": (1, 1), "student_dim": (64, 32), "student_ffn": (256, 64), "student_heads": (2, 2),
-    "teacher_epochs": (3, 1), "student_epochs": (3, 1), "warmup": (400, 50), "distill_beam": (2, 2),
+    "teacher_epochs": (3, 1), "student_epochs": (2, 1), "warmup": (400, 50), "distill_beam": (2, 2),
     "train_pairs": (0, 3000), "valid_pairs": (0, 200), "test_pairs": (0, 200), "speed_reps": (2, 1),
 }
 HELP = {"speed_reps": "rounds of the speed phase (demo_speed.py: interleaved, the median is reported)"}

@@ -290,7 +290,10 @@ FLAG_CASES += [("hybrid_kd", "--kd-gate-weight", v, ()) for v in ("-1", "nan")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-momentum", v, ()) for v in ("-0.1", "1.1", "nan")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-warmup", "-1", ())]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-hidden", v, ()) for v in ("0", "-1")]
-FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("nope", "fixed:1.5", "fixed:-0.5", "fixed:x", "fixed:nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("nope", "fixed:1.5", "fixed:-0.5", "fixed:x", "fixed:nan",
+                                                         "sample:1.5", "sample:x", "global+sentence")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-global-rate", v, ("--kd-gate", "global")) for v in ("-1", "nan")]
+FLAG_CASES += [("hybrid_kd", "--kd-gate-global-bound", v, ("--kd-gate", "global")) for v in ("0", "nan")]
 CURRICULUM = ("--kd-mix", "curriculum")
 FLAG_CASES += [("hybrid_kd", f, v, CURRICULUM)
                for f in ("--kd-mix-start", "--kd-mix-end") for v in ("-0.1", "1.1", "nan")]
