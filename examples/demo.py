@@ -4,7 +4,7 @@ students trained with the same budget (plain label smoothing, token-level KD, se
 the token-level signals from a top-8 teacher cache), all scored with stock ``fairseq-generate`` and
 sacreBLEU, exported to CTranslate2 int8 and timed on the test set (both paths, one thread).
 
-    make demo                          # .venv/bin/python examples/demo.py  (~31 min on 2 CPU cores, estimated)
+    make demo                          # .venv/bin/python examples/demo.py  (~20 min on 2 CPU cores)
     make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
     python examples/demo.py --data fr-en.tsv --src-lang fr --tgt-lang en --students plain,token
     python examples/demo.py --help     # all sizes
@@ -61,15 +61,13 @@ STUDENTS["hybrid-even"] = STUDENTS["hybrid"] + ["--kd-gate", "fixed:0.5"]
 DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
-# Default sizes: (full, quick); 0 pairs = the whole split. Full mode on an idle 2-core machine, MEASURED in the
-# 2026-11-29 run (docs/DEMO.md): corpus + BPE + preprocess 51 s; teacher 683 updates/epoch, 9.4-10.4 min for
-# 3 epochs (24.2 BLEU), its test decoding 26 s; beam-2 distillation of train + valid 4.1 min (2 shards; beam 5:
-# 10.1 min for +0.7 teacher BLEU). MEASURED by examples/compare_mix.py (work/demo/done, 1 thread, two runs at a
-# time): top-8 cache dump 75 s; 3-epoch students token (cache) ~250 s, sentence ~220 s, hybrid-even (cache)
-# ~470 s, plain ~200 s (the lead's figure), test decoding ~12 s each. ESTIMATED (not yet one measured run):
-# exports ~12 s each; students two at a time ~12 min (hybrid then plain on one core, token then sentence on
-# the other); speed phase ~3 min with --speed-reps 2 (a round: fairseq-generate ~25 s teacher and ~12 s per
-# student, start-up included, CTranslate2 ~4 s per system); ~31 min in all (--speed-reps 1: ~29.5 min).
+# Default sizes: (full, quick); 0 pairs = the whole split. Full mode, MEASURED in one `make demo` of a fresh
+# clone on an idle 2-core machine (2026-11-30, docs/DEMO.md): set-up 44 s; corpus + BPE + preprocess 20 s;
+# teacher 298 s (3 epochs x 683 updates, 24.3 BLEU), its test decoding 12 s, export 4 s; beam-2 distillation
+# of train + valid 132 s (2 shards; beam 5: ~2.5x longer for +0.7 teacher BLEU, measured 2026-11-29); top-8
+# cache dump 66 s; 2-epoch students two at a time 467 s (train: hybrid 291 s, token 162 s, sentence 135 s,
+# plain 147 s, one thread each; each + 12 s test decoding + 3 s export); speed phase 152 s (2 rounds);
+# 19.3 min for the pipeline, 20.0 min with set-up.
 DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),
