@@ -88,7 +88,7 @@ def shape(a, role):
     out = {k: getattr(a, "%s_%s" % (role, k)) for k in ("dim", "heads")}
     for side in SIDES:
         for k in ("layers", "ffn"):
-            out["%s_%s" % (side, k)] = getattr(a, "%s_%s_%s" % (role, side, k)) or getattr(a, "%s_%s" % (role, k))
+            out["%s_%s" % (side, k)] = getattr(a, "%s_%s_%s" % (role, side, k), None) or getattr(a, "%s_%s" % (role, k))
     return out
 
 
@@ -209,20 +209,17 @@ def dump_cache(p, on_targets, k=CACHE_TOPK):
     return out
 
 
-# fairseq 0.12.2's encoder layers keep copies of their attention and FFN weights for the BetterTransformer
-# fast path (in_proj_weight, fc1_weight, ...: frozen, saved in checkpoints); they are not model parameters
-BT_COPY_RE = re.compile(r"encoder\.layers\.\d+\.(in_proj|out_proj|fc1|fc2)_(weight|bias)$")
-
-
 def count_params(ckpt):
     """Parameters of the checkpoint's model (tensors shared by --share-all-embeddings counted once; the
     encoder layers' BetterTransformer weight copies not counted)."""
     import torch
 
+    from kd_plugin.compat import is_weight_copy  # fairseq's frozen BetterTransformer copies of encoder weights
+
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
     seen, total = set(), 0
     for key, tensor in state.items():
-        if not tensor.is_floating_point() or key.endswith(("_float_tensor", ".version")) or BT_COPY_RE.search(key):
+        if not tensor.is_floating_point() or key.endswith(("_float_tensor", ".version")) or is_weight_copy(key):
             continue  # version counters, fairseq's dtype placeholders, weight copies
         ptr = tensor.untyped_storage().data_ptr()
         if ptr not in seen:

@@ -52,6 +52,13 @@ _BT_COPIES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bia
                "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 
+def is_weight_copy(name):
+    """Whether a model parameter / state-dict key is one of those copies (``encoder.layers.N.fc1_weight``...):
+    they are not model parameters and are left out of parameter counts."""
+    layer, _, attr = name.rpartition(".")
+    return attr in _BT_COPIES and layer.split(".")[-2:-1] == ["layers"]
+
+
 def patch_encoder_bt_copies():
     """Keep the encoder layers' BetterTransformer weight copies out of the trainable parameters.
 
