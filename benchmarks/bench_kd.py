@@ -40,7 +40,8 @@ from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
-import demo  # noqa: E402  (the demo's model sizes, beam, pipeline steps and machine description)
+import demo  # noqa: E402  (the demo's model sizes, beam and pipeline steps)
+import demo_report  # noqa: E402  (the machine description)
 
 USER_DIR = os.path.join(REPO, "kd_plugin")
 DEMO_WORK = os.path.join(REPO, "work", "demo")
@@ -402,7 +403,7 @@ def probe(name, tokens, vocab, topk):
                             get_targets=lambda sample, out: sample["target"])
     kw = PROBES[name][1]
     crit = None if kw is None else TokenKDCriterion(
-        SimpleNamespace(target_dictionary=d), sentence_avg=False, label_smoothing=0.1,
+        SimpleNamespace(target_dictionary=d, serves_teacher_signals=True), sentence_avg=False, label_smoothing=0.1,
         **{k: topk if v is None else v for k, v in kw.items()})
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -503,7 +504,7 @@ def report(a, paths, results, probes, stats, fl, seconds):
         "- Command: `%s`" % " ".join(shlex.quote(x) for x in [os.path.relpath(sys.executable, REPO)] + sys.argv),
         "- Date: %s; total %.0f s" % (datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds),
         "- Machine: %s; nproc %d; torch threads %s%s" % (
-            demo.machine(), os.cpu_count() or 0, demo._torch_threads(),
+            demo_report.machine(), os.cpu_count() or 0, demo_report._torch_threads(),
             "; runs with OMP_NUM_THREADS=%s" % a.threads if a.threads else ""),
         "- Data: %s; train %d sentences, %d source / %d target tokens (mean %.1f / %.1f, eos included), "
         "vocabulary %d; teacher-decoded train targets (kd-distill-corpus `%s`): %d tokens (%.2f x gold)"
