@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
 import demo_speed  # noqa: E402
-from demo_pipeline import REPO, StepFailed, read_lines, tool  # noqa: E402
+from demo_pipeline import REPO, StepFailed, read_lines  # noqa: E402
 from demo_report import repo_relative  # noqa: E402
 
 K = 8
