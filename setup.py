@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="Token-level, sentence-level and gated hybrid knowledge distillation for fairseq",
     packages=find_packages(include=["kd_plugin", "kd_plugin.*"]),
+    package_data={"kd_plugin": ["advise_rule.json"]},  # kd-advise's fitted rule (examples/study_advise.py)
     python_requires=">=3.8",
     install_requires=[
         "numpy",
@@ -29,6 +30,7 @@ setup(
             "kd-dump-teacher=kd_plugin.cli.dump_teacher:cli_main",
             "kd-gate-dump=kd_plugin.cli.gate_dump:cli_main",
             "kd-export=kd_plugin.cli.export:cli_main",
+            "kd-advise=kd_plugin.cli.advise:cli_main",
         ]
     },
 )

@@ -214,18 +214,9 @@ def count_params(ckpt):
     encoder layers' BetterTransformer weight copies not counted)."""
     import torch
 
-    from kd_plugin.compat import is_weight_copy  # fairseq's frozen BetterTransformer copies of encoder weights
+    from kd_plugin.compat import count_parameters
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-    seen, total = set(), 0
-    for key, tensor in state.items():
-        if not tensor.is_floating_point() or key.endswith(("_float_tensor", ".version")) or is_weight_copy(key):
-            continue  # version counters, fairseq's dtype placeholders, weight copies
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += tensor.numel()
-    return total
+    return count_parameters(torch.load(ckpt, map_location="cpu", weights_only=False)["model"].items())
 
 
 # ---------------------------------------------------------------- evaluation

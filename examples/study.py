@@ -350,8 +350,10 @@ def main(argv=None):
     with open(args.results) as f:
         records = json.load(f)
     print(study_report.report(records, args, grid(args)))
+    print("\nvalidation curves (mean over seeds)\n\n" + study_report.curves(records, args, grid(args)))
     if args.plot:
         study_report.plot(records, args, grid(args), args.plot)
+        study_report.plot_curves(records, args, grid(args), args.plot)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,63 @@ def plot(records, args, cells, out_dir):
     return paths
 
 
+def trained_cells(cells):
+    """The cells whose students were trained (the decoding cells decode the centre's students again)."""
+    centre = cells[0][1]["decoding"]
+    return [(cell, coords) for cell, coords in cells if coords["decoding"] == centre]
+
+
+def mean_curve(rs):
+    """[(updates, mean valid nll_loss over the runs)] at the epochs every run has."""
+    n = min(len(r["valid"]) for r in rs)
+    return [(rs[0]["valid"][i]["updates"], statistics.mean(r["valid"][i]["nll_loss"] for r in rs)) for i in range(n)]
+
+
+def curves(records, args, cells):
+    """Markdown: per trained cell and method, valid nll_loss (mean over seeds) at the first epoch, at 2/3 of
+    the budget and at the end, and the share of the total drop made in the last third (near 0 = plateaued)."""
+    runs = select(records, args, cells)
+    lines = ["| cell | method | epochs | nll first | nll at 2/3 | nll last | last third's share of the drop |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for cell, _ in trained_cells(cells):
+        for m in ORDER[::-1]:
+            rs = [r for r in runs.get((cell, m), []) if r["valid"]]
+            if not rs:
+                continue
+            c = mean_curve(rs)
+            two_thirds = min(c, key=lambda uv: abs(uv[0] - 2 * c[-1][0] / 3))[1]
+            drop = c[0][1] - c[-1][1]
+            lines.append("| %s | %s | %d | %.3f | %.3f | %.3f | %s |" % (
+                cell, m, len(c), c[0][1], two_thirds, c[-1][1],
+                "%.0f%%" % (100 * (two_thirds - c[-1][1]) / drop) if drop > 0 else "-"))
+    return "\n".join(lines)
+
+
+def plot_curves(records, args, cells, out_dir):
+    """DIR/study_valid.png: valid nll_loss vs updates, one panel per trained cell, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, trained = select(records, args, cells), trained_cells(cells)
+    fig, axes = plt.subplots(1, len(trained), figsize=(3.2 * len(trained), 3.2), squeeze=False)
+    for ax, (cell, _) in zip(axes[0], trained):
+        for i, m in enumerate(ORDER[::-1]):
+            rs = [r for r in runs.get((cell, m), []) if r["valid"]]
+            if rs:
+                ax.plot(*zip(*mean_curve(rs)), marker=".", label=m, color="C%d" % i)
+        ax.set_title(cell, fontsize=9)
+        ax.set_xlabel("updates")
+    axes[0][0].set_ylabel("valid nll_loss (sentence: on teacher outputs)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "study_valid.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def arch_cost(vocab, layers, dim, ffn):
     """Parameters touched per target token (shared embedding / output projection, encoder and decoder
     layers): the proxy of a size's train time relative to the centre's."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fairseq import checkpoint_utils, models
 
 from kd_plugin.checks import KDConfigError, check_dictionaries_match, check_finite
-from kd_plugin.compat import is_weight_copy
+from kd_plugin.compat import count_parameters
 from kd_plugin.signals import topk_signal
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def load_members(spec, task, flag="--teacher-path"):
             p.requires_grad_(False)
         members.append(model)
         logger.info("teacher %s: %d parameters", path,
-                    sum(p.numel() for name, p in model.named_parameters() if not is_weight_copy(name)))
+                    count_parameters(model.named_parameters()))
     return members, paths
 
 

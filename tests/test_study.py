@@ -135,7 +135,35 @@ def test_second_run_trains_nothing_and_prints_the_tables_and_plots(grid):
     table = [line for line in first.splitlines() if line.startswith("|")]
     assert table == [line for line in second.splitlines() if line.startswith("|")]
     assert any(line.startswith("| mid (centre) |") for line in table)
-    assert sorted(os.listdir(tmp / "plots")) == ["study_complexity.png", "study_decoding.png", "study_size.png"]
+    assert sorted(os.listdir(tmp / "plots")) == ["study_complexity.png", "study_decoding.png", "study_size.png",
+                                                 "study_valid.png"]
+    curves = [line for line in table if line.startswith("| centre | plain |")]
+    assert len(curves) == 1 and len(curves[0].split("|")) == 9  # the validation-curve row of the centre's plain
+
+
+def test_study_advise_fits_the_rule_on_the_grids_cells(grid):
+    from kd_plugin import advice
+
+    _, _, records, work, tmp = grid
+    out = str(tmp / "rule.json")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "examples", "study_advise.py"), "--results",
+                        str(tmp / "study.json"), "--work", work, "--methods", ",".join(METHODS), "--sample", "20",
+                        "--out", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:]
+    with open(out) as f:
+        doc = json.load(f)
+    assert sorted(c["cell"] for c in doc["cells"]) == sorted(CELLS)
+    assert doc["rule"] == advice.fit_rule(doc["cells"], list(METHODS)) and doc["loo"]["cells"] == len(CELLS)
+    for c in doc["cells"]:
+        rs = {r["method"]: r for r in records if r["cell"] == c["cell"]}
+        assert c["bleu"] == {m: rs[m]["bleu"] for m in METHODS}  # one seed: the mean is the run
+        measures = rs["plain"]["measures"]
+        # kd-advise's signals agree with the study's own measures of the cell
+        assert c["signals"]["capacity_ratio"] == pytest.approx(measures["size"]["ratio"], rel=1e-6)
+        assert c["signals"]["src_len"] == pytest.approx(measures["complexity"]["train"]["mean_len"])
+        assert c["signals"]["decoding"] == {"beam5": 0, "greedy": 1, "sample": 2}[c["coords"]["decoding"]]
+    assert "Leave-one-cell-out" in p.stdout
 
 
 @pytest.mark.parametrize("flags, message", [
