@@ -351,6 +351,8 @@ def main(argv=None):
         records = json.load(f)
     print(study_report.report(records, args, grid(args)))
     print("\nvalidation curves (mean over seeds)\n\n" + study_report.curves(records, args, grid(args)))
+    if "token" in args.methods and "sentence" in args.methods:
+        print("\npaired bootstrap (seeds pooled)\n\n" + study_report.significance(records, args, grid(args)))
     if args.plot:
         study_report.plot(records, args, grid(args), args.plot)
         study_report.plot_curves(records, args, grid(args), args.plot)

@@ -159,6 +159,35 @@ def plot(records, args, cells, out_dir):
     return paths
 
 
+def significance(records, args, cells, resamples=1000):
+    """Markdown: per cell, the paired bootstrap (compare_mix.paired_bootstrap, seeds pooled, the seeds both
+    methods have) of token - sentence (the paper's comparison) and hybrid - the better single level."""
+    from compare_mix import paired_bootstrap
+    from demo_pipeline import read_lines
+
+    runs = select(records, args, cells)
+
+    def compare(cell, a, b):
+        ra, rb = runs.get((cell, a), []), runs.get((cell, b), [])
+        seeds = sorted({r["seed"] for r in ra} & {r["seed"] for r in rb})
+        if not seeds:
+            return "-"
+        hyps = [[read_lines(os.path.join(REPO, r["hyps"])) for r in rs if r["seed"] in seeds] for rs in (ra, rb)]
+        d, lo, hi, p = paired_bootstrap(*hyps, read_lines(os.path.join(REPO, ra[0]["refs"])), resamples)
+        return "%+.2f [%+.2f, %+.2f], p = %.3f (%d seeds)" % (d, lo, hi, p, len(seeds))
+
+    lines = ["| cell | token - sentence [95% CI], p | hybrid - better single level [95% CI], p |", "|---|---|---|"]
+    for cell, _ in cells:
+        mean = {m: statistics.mean(r["bleu"] for r in runs[(cell, m)]) for m in ("token", "sentence")
+                if runs.get((cell, m))}
+        if len(mean) < 2:
+            continue
+        single = max(mean, key=mean.get)
+        lines.append("| %s | %s | %s (vs %s) |" % (cell, compare(cell, "token", "sentence"),
+                                                  compare(cell, "hybrid", single), single))
+    return "\n".join(lines)
+
+
 def trained_cells(cells):
     """The cells whose students were trained (the decoding cells decode the centre's students again)."""
     centre = cells[0][1]["decoding"]

@@ -188,3 +188,21 @@ def test_bad_flag_from_the_command_line(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     assert p.returncode == 2 and p.stdout == "" and p.stderr == "study: error: --jobs must be >= 1 (got 0)\n"
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_significance_table_compares_the_right_hypotheses(tmp_path):
+    import study_report
+    from types import SimpleNamespace
+
+    refs = ["the cat sat on the mat %d" % i for i in range(40)]
+    files = {"refs": refs, "good": refs, "bad": ["a dog %d" % i for i in range(40)]}
+    for name, lines in files.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    runs = {"token": "good", "sentence": "bad", "hybrid": "bad", "plain": "bad"}
+    records = [{"cell": "centre", "method": m, "seed": s, "updates": 1, "bleu": 100.0 if h == "good" else 1.0,
+                "hyps": str(tmp_path / h), "refs": str(tmp_path / "refs")} for m, h in runs.items() for s in (1, 2)]
+    args = SimpleNamespace(methods=list(runs), seeds=[1, 2], updates=1)
+    row = study_report.significance(records, args, [("centre", {})], resamples=200).splitlines()[-1]
+    token, hybrid = row.split("|")[2:4]
+    assert token.strip().startswith("+") and "p = 0.000 (2 seeds)" in token  # token's hypotheses are the refs
+    assert hybrid.strip().startswith("-") and "p = 1.000" in hybrid and "(vs token)" in hybrid
