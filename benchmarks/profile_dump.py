@@ -28,12 +28,12 @@ STAGES = ("forward", "+log_softmax", "+top-K and rest", "+fp16 to numpy")
 def batches(args):
     """(teacher model, [(net_input, target mask)]) of the first --sentences sentences of the split."""
     import kd_plugin  # noqa: F401  (compat fixes)
-    from kd_plugin.cli import common
+    from kd_plugin.cli import fairseq_io
     from kd_plugin.cli.dump_teacher import teacher_batches
 
-    task = common.setup_task(common.fairseq_config(args.data))
-    dataset = common.load_split(task, args.split)
-    [model], _ = common.load_ensemble(args.path, task)
+    task = fairseq_io.setup_task(fairseq_io.fairseq_config(args.data))
+    dataset = fairseq_io.load_split(task, args.split)
+    [model], _ = fairseq_io.load_ensemble(args.path, task)
     n = min(args.sentences or len(dataset), len(dataset))
     args.total, args.block = len(dataset), n if n < len(dataset) else 10000  # a subset = the first block
     opts = argparse.Namespace(block_size=args.block, max_tokens=4000, batch_size=None, seed=1)

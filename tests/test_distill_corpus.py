@@ -15,7 +15,7 @@ from fairseq.data.indexed_dataset import MMapIndexedDataset
 
 from helpers import BIN, kd_train, last_valid, run
 from kd_plugin.checks import dictionary_checksum
-from kd_plugin.cli import common, distill_corpus
+from kd_plugin.cli import distill_corpus, outputs
 from test_sentence_kd import stock_ls_ce, with_valid_targets
 
 NAME = "%s.src-tgt.tgt"
@@ -83,7 +83,7 @@ def test_valid_equals_fairseq_generate(data_bin, teacher, distilled):
         [t.tolist() for t in entries]
     assert len(set(text)) > 50  # real, varied hypotheses
 
-    meta = common.read_json(prefix + ".json")
+    meta = outputs.read_json(prefix + ".json")
     with open(teacher, "rb") as f:
         assert meta["teacher_sha256"] == [hashlib.sha256(f.read()).hexdigest()]
     assert meta["dictionary_md5"] == dictionary_checksum(d)
@@ -101,22 +101,22 @@ def test_sharded_and_merged_equals_unsharded(data_bin, teacher, distilled, tmp_p
     assert not os.path.exists(os.path.join(out, NAME % "valid" + ".idx"))
 
     distill(data_bin, teacher, out, "valid", "--num-shards", 3, "--shard-id", 1)
-    sizes = [common.read_json(common.shard_prefix(os.path.join(out, NAME % "valid"), i, 3) + ".json")["range"]
+    sizes = [outputs.read_json(outputs.shard_prefix(os.path.join(out, NAME % "valid"), i, 3) + ".json")["range"]
              for i in range(3)]
     assert sizes == [[0, 33], [33, 66], [66, 100]]
     distill_corpus.cli_main(["merge", "--out", out, "--split", "valid"])
     merged, single = os.path.join(out, NAME % "valid"), os.path.join(distilled[0], NAME % "valid")
     assert read_bytes(merged, FILES) == read_bytes(single, FILES)
-    meta = common.read_json(merged + ".json")
+    meta = outputs.read_json(merged + ".json")
     assert meta["count"] == 100 and meta["shard"] == {"merged_from": 3}
 
     # shards made with other flags, or not covering the split, are refused
-    shard1 = common.shard_prefix(os.path.join(out, NAME % "valid"), 1, 3) + ".json"
-    meta1 = common.read_json(shard1)
-    common.write_json(shard1, dict(meta1, generation=dict(meta1["generation"], beam=2)))
+    shard1 = outputs.shard_prefix(os.path.join(out, NAME % "valid"), 1, 3) + ".json"
+    meta1 = outputs.read_json(shard1)
+    outputs.write_json(shard1, dict(meta1, generation=dict(meta1["generation"], beam=2)))
     err = cli_error(capsys, "merge", "--out", out, "--split", "valid", "--overwrite")
     assert "generation differs between shards" in err and shard1 in err
-    common.write_json(shard1, dict(meta1, range=[34, 66], count=32))
+    outputs.write_json(shard1, dict(meta1, range=[34, 66], count=32))
     err = cli_error(capsys, "merge", "--out", out, "--split", "valid", "--overwrite")
     assert "covers indices [34, 66)" in err and "expected to start at 33" in err
 
@@ -185,11 +185,11 @@ def test_hypothesis_tokens_end_with_one_eos():
 def test_atomic_output_on_error(tmp_path):
     prefix = str(tmp_path / "o" / "x")
     with pytest.raises(RuntimeError):
-        with common.AtomicOutput(prefix, [".a", ".b"]) as out:
+        with outputs.AtomicOutput(prefix, [".a", ".b"]) as out:
             open(out.tmp_prefix + ".a", "w").close()
             raise RuntimeError("killed")
     assert os.listdir(tmp_path / "o") == []
-    with common.AtomicOutput(prefix, [".a", ".b"]) as out:
+    with outputs.AtomicOutput(prefix, [".a", ".b"]) as out:
         for s, text in ((".a", "1"), (".b", "2")):
             with open(out.tmp_prefix + s, "w") as f:
                 f.write(text)

@@ -16,7 +16,7 @@ from helpers import kd_train, last_valid, run
 from inproc import build, criterion_loss
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.cli import common, dump_teacher
+from kd_plugin.cli import dump_teacher, fairseq_io
 from kd_plugin.data.teacher_cache import check_cache_topk, load_teacher_cache
 from kd_plugin.teacher import Teacher
 
@@ -58,8 +58,8 @@ def cache(tmp_path_factory, data_bin, teacher):
 
 def plain_task(data_bin, split="valid"):
     """The stock translation task the dumper runs on, with ``split`` loaded."""
-    task = common.setup_task(common.fairseq_config(data_bin))
-    return task, common.load_split(task, split)
+    task = fairseq_io.setup_task(fairseq_io.fairseq_config(data_bin))
+    return task, fairseq_io.load_split(task, split)
 
 
 def dump_batches(task, dataset, models):
@@ -76,11 +76,11 @@ def test_cached_topk_equals_online_teacher(data_bin, teacher, teacher2, cache, t
                     *DUMP_FLAGS)
     task, dataset = plain_task(data_bin)
     tgt_dict = task.target_dictionary
-    models, paths = common.load_ensemble(teacher + (":" + teacher2 if ensemble else ""), task)
+    models, paths = fairseq_io.load_ensemble(teacher + (":" + teacher2 if ensemble else ""), task)
     online = Teacher(models, paths)
     cached = load_teacher_cache(cache, "valid", dataset, tgt_dict)
     header = json.load(open(os.path.join(cache, "valid.topk.json")))
-    assert header["teacher_sha256"] == [common.file_sha256(p) for p in paths]
+    assert header["teacher_sha256"] == [fairseq_io.file_sha256(p) for p in paths]
     assert header["num_tokens"] == int(dataset.tgt_sizes.sum()) and header["count"] == len(dataset) == 100
     rest = np.memmap(os.path.join(cache, "valid.topk.rest.f16"), dtype="<f2", mode="r")
     offsets = np.fromfile(os.path.join(cache, "valid.topk.idx"), dtype="<i8")

@@ -26,7 +26,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from kd_plugin import advice
 from kd_plugin.checks import KDConfigError
-from kd_plugin.cli import common
+from kd_plugin.cli import fairseq_io, flags
 from kd_plugin.compat import count_parameters
 from kd_plugin.teacher import Teacher
 
@@ -62,16 +62,16 @@ CRITERION = {"plain": "label_smoothed_cross_entropy (no KD)", "token": "token_kd
 def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description="Recommend token_kd, sentence_kd or hybrid_kd for a "
                                      "teacher, a student architecture and a binarized corpus.")
-    common.add_data_args(parser)
+    flags.add_data_args(parser)
     parser.add_argument("--teacher", required=True, metavar="T.pt[:T2.pt]", help="teacher checkpoint(s)")
     parser.add_argument("--student-arch", required=True, metavar='"FLAGS"',
                         help="the student's fairseq-train model flags, quoted: --arch and its options")
-    parser.add_argument("--sample", type=common.positive_int, default=500,
+    parser.add_argument("--sample", type=flags.positive_int, default=500,
                         help="sentences of --split the teacher is run on (default 500)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the sentence sample")
-    parser.add_argument("--beam", type=common.positive_int, default=5, help="the beam you will decode with")
+    parser.add_argument("--beam", type=flags.positive_int, default=5, help="the beam you will decode with")
     parser.add_argument("--sampling", action="store_true", help="you will decode by sampling")
-    parser.add_argument("--max-tokens", type=common.positive_int, default=4000, help="tokens per teacher batch")
+    parser.add_argument("--max-tokens", type=flags.positive_int, default=4000, help="tokens per teacher batch")
     parser.add_argument("--cpu", action="store_true", help="run the teacher on CPU even when CUDA is available")
     parser.add_argument("--rule", default=RULE, metavar="FILE", help="the fitted rule (default: the shipped one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -137,14 +137,14 @@ def teacher_signals(teacher, dataset, ids, max_tokens, pad):
 
 def measure(args):
     """{"signals": {...}, "info": {...}} of the scenario the flags describe."""
-    cfg = common.fairseq_config(args.data, args.source_lang, args.target_lang)
-    task = common.setup_task(cfg)
-    dataset = common.load_split(task, args.split)
+    cfg = fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang)
+    task = fairseq_io.setup_task(cfg)
+    dataset = fairseq_io.load_split(task, args.split)
     src_dict = task.source_dictionary
     threshold = advice.rare_threshold(len(src_dict), src_dict.nspecial)
     src_len, rare = advice.source_stats((dataset.src[i] for i in range(len(dataset))), src_dict.eos(), threshold)
     student = student_parameters(args.student_arch, task, args.data)
-    members, paths = common.load_ensemble(args.teacher, task, "--teacher",
+    members, paths = fairseq_io.load_ensemble(args.teacher, task, "--teacher",
                                           cuda=torch.cuda.is_available() and not args.cpu)
     teacher_params = sum(count_parameters(m.named_parameters()) for m in members)
     ids = sample_ids(len(dataset), args.sample, args.seed)
@@ -230,7 +230,7 @@ def main(args):
 
 def cli_main(argv=None):
     args = get_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    common.run_cli(main, args, PROG)
+    flags.run_cli(main, args, PROG)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ Speed: on a shared CPU set --cpu-threads (or OMP_NUM_THREADS) to the free cores:
 OpenMP threads slowed the toy run five-fold.
 
 Safety: existing output is refused unless --overwrite (nothing is written); files are written under a
-temporary directory in DIR and renamed into place at the end, .idx last (see cli.common.AtomicOutput),
+temporary directory in DIR and renamed into place at the end, .idx last (see cli.outputs.AtomicOutput),
 so an interrupted run never leaves a loadable half-written dataset. Bad input exits with status 2 and
 one message.
 """
@@ -54,7 +54,7 @@ from fairseq.data.indexed_dataset import (MMapIndexedDataset, MMapIndexedDataset
                                           data_file_path, index_file_path)
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
-from kd_plugin.cli import common
+from kd_plugin.cli import fairseq_io, flags, outputs
 from kd_plugin.tasks.translation_kd import teacher_targets_prefix
 
 logger = logging.getLogger("kd_plugin.cli.distill_corpus")
@@ -62,22 +62,22 @@ logger = logging.getLogger("kd_plugin.cli.distill_corpus")
 PROG = "kd-distill-corpus"
 SUFFIXES = (".json", ".txt", ".bin", ".idx")  # .idx last: it commits the dataset
 # metadata that may differ between shards of one run (e.g. made on machines with other mount points)
-NOT_COMPARED = common.SHARD_KEYS + ("data", "teacher_paths")
+NOT_COMPARED = outputs.SHARD_KEYS + ("data", "teacher_paths")
 
 
 def get_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, description="Decode a fairseq binarized split with a teacher for sentence-level KD.",
         epilog="merge shards: %s merge --out DIR --split SPLIT (see '%s merge --help')" % (PROG, PROG))
-    common.add_data_args(parser)
-    common.add_teacher_args(parser)
+    flags.add_data_args(parser)
+    flags.add_teacher_args(parser)
     g = parser.add_argument_group("beam search (fairseq-generate's flags)")
-    g.add_argument("--beam", type=common.positive_int, default=5)
+    g.add_argument("--beam", type=flags.positive_int, default=5)
     g.add_argument("--lenpen", type=float, default=1.0, help="length penalty (scores / length^lenpen)")
     g.add_argument("--max-len-a", type=float, default=0, help="max length = a * source length + b")
     g.add_argument("--max-len-b", type=int, default=200)
-    common.add_batch_args(parser)
-    common.add_output_args(parser)
+    flags.add_batch_args(parser)
+    flags.add_output_args(parser)
     return parser
 
 
@@ -152,27 +152,27 @@ def write_output(prefix, seqs, dictionary, dtype, meta):
             builder.add_item(tokens)
             txt.write(dictionary.string(tokens) + "\n")
     builder.finalize(index_file_path(prefix))
-    common.write_json(prefix + ".json", meta)
+    outputs.write_json(prefix + ".json", meta)
 
 
 def distill(args):
-    common.check_batch_args(args)
-    cfg = common.fairseq_config(args.data, args.source_lang, args.target_lang, "--beam", args.beam, "--nbest", 1,
+    flags.check_batch_args(args)
+    cfg = fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang, "--beam", args.beam, "--nbest", 1,
                                 "--lenpen", args.lenpen, "--max-len-a", args.max_len_a, "--max-len-b", args.max_len_b)
-    task = common.setup_task(cfg)
+    task = fairseq_io.setup_task(cfg)
     src, tgt, tgt_dict = task.cfg.source_lang, task.cfg.target_lang, task.target_dictionary
-    dataset = common.load_split(task, args.split)
-    lo, hi = common.shard_range(len(dataset), args.num_shards, args.shard_id)
+    dataset = fairseq_io.load_split(task, args.split)
+    lo, hi = fairseq_io.shard_range(len(dataset), args.num_shards, args.shard_id)
     prefix = teacher_targets_prefix(args.out, args.split, src, tgt)
     if args.num_shards > 1:
-        prefix = common.shard_prefix(prefix, args.shard_id, args.num_shards)
-    out = common.AtomicOutput(prefix, SUFFIXES, args.overwrite)  # refuses existing output before any work
+        prefix = outputs.shard_prefix(prefix, args.shard_id, args.num_shards)
+    out = outputs.AtomicOutput(prefix, SUFFIXES, args.overwrite)  # refuses existing output before any work
 
-    cuda = common.use_cuda(args)
-    models, paths = common.load_ensemble(args.path, task, cuda=cuda)
+    cuda = flags.use_cuda(args)
+    models, paths = fairseq_io.load_ensemble(args.path, task, cuda=cuda)
     for m in models:
         m.prepare_for_inference_(SimpleNamespace(generation=cfg.generation))
-    teachers = common.teacher_info(paths)
+    teachers = fairseq_io.teacher_info(paths)
     meta = {
         "split": args.split, "source_lang": src, "target_lang": tgt, "data": os.path.abspath(args.data),
         "split_size": len(dataset), "count": hi - lo, "range": [lo, hi],
@@ -185,11 +185,11 @@ def distill(args):
     }
     logger.info("decoding %s sentences [%d, %d) of %d with beam %d into %s", args.split, lo, hi, len(dataset),
                 args.beam, prefix)
-    itr = common.batch_iterator(task, dataset, models, (lo, hi), args.max_tokens, args.batch_size, args.seed)
+    itr = fairseq_io.batch_iterator(task, dataset, models, (lo, hi), args.max_tokens, args.batch_size, args.seed)
     dtype = best_fitting_int_dtype(len(tgt_dict))
     hyps = Hypotheses(lo, hi, dtype)
     decode(task, models, cfg.generation, itr, hyps,
-           common.Progress(args.split, hi - lo, args.log_interval), cuda)
+           fairseq_io.Progress(args.split, hi - lo, args.log_interval), cuda)
     with out:
         write_output(out.tmp_prefix, hyps, tgt_dict, dtype, meta)
     logger.info("wrote %s{%s}", prefix, ",".join(SUFFIXES))
@@ -208,13 +208,13 @@ def merge(args):
         accept = wanted.__eq__
     else:
         accept = re.compile(r"^%s\.[^.]+-[^.]+\.[^.]+$" % re.escape(args.split)).match
-    name, prefixes = common.find_shards(args.out, accept)
+    name, prefixes = outputs.find_shards(args.out, accept)
     for p in prefixes:
         for suffix in SUFFIXES:
             if not os.path.isfile(p + suffix):
                 raise KDConfigError("incomplete shard, no %s" % (p + suffix))
-    metas = [common.read_json(p + ".json") for p in prefixes]
-    meta = common.merge_shard_metas(metas, [p + ".json" for p in prefixes], ignore=NOT_COMPARED)
+    metas = [outputs.read_json(p + ".json") for p in prefixes]
+    meta = outputs.merge_shard_metas(metas, [p + ".json" for p in prefixes], ignore=NOT_COMPARED)
     indexes = [MMapIndexedDataset.Index(index_file_path(p)) for p in prefixes]
     for p, m, index in zip(prefixes, metas, indexes):
         if len(index) != m["count"] or _count_lines(p + ".txt") != m["count"]:
@@ -223,7 +223,7 @@ def merge(args):
         if index.dtype != indexes[0].dtype:
             raise KDConfigError("%s.idx stores %s, %s.idx stores %s"
                                 % (p, np.dtype(index.dtype), prefixes[0], np.dtype(indexes[0].dtype)))
-    out = common.AtomicOutput(os.path.join(args.out, name), SUFFIXES, args.overwrite)
+    out = outputs.AtomicOutput(os.path.join(args.out, name), SUFFIXES, args.overwrite)
     with out:
         builder = MMapIndexedDatasetBuilder(data_file_path(out.tmp_prefix), dtype=indexes[0].dtype)
         with open(out.tmp_prefix + ".txt", "wb") as txt:
@@ -232,13 +232,13 @@ def merge(args):
                 with open(p + ".txt", "rb") as f:
                     shutil.copyfileobj(f, txt)
         builder.finalize(index_file_path(out.tmp_prefix))
-        common.write_json(out.tmp_prefix + ".json", meta)
+        outputs.write_json(out.tmp_prefix + ".json", meta)
     logger.info("merged %d shards (%d sentences) into %s{%s}", len(prefixes), meta["count"], out.prefix,
                 ",".join(SUFFIXES))
 
 
 def cli_main(argv=None):
-    common.cli_dispatch(PROG, distill, get_parser, merge, get_merge_parser, argv)
+    flags.cli_dispatch(PROG, distill, get_parser, merge, get_merge_parser, argv)
 
 
 if __name__ == "__main__":

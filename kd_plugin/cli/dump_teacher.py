@@ -29,7 +29,7 @@ changes the last float32 bit on some kernels, and so now and then an fp16 value 
 
 Safety: existing output is refused unless --overwrite (before any work); files are written under a
 temporary directory next to the output and renamed into place at the end, the header last
-(kd_plugin.cli.common.AtomicOutput). Bad input exits with status 2 and one message.
+(kd_plugin.cli.outputs.AtomicOutput). Bad input exits with status 2 and one message.
 """
 import argparse
 import logging
@@ -42,7 +42,7 @@ from fairseq import utils
 from fairseq.data import BaseWrapperDataset, LanguagePairDataset
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
-from kd_plugin.cli import common
+from kd_plugin.cli import fairseq_io, flags, outputs
 from kd_plugin.data.teacher_cache import (FORMAT, LPROBS_DTYPE, OFFSETS_DTYPE, VERSION, cache_prefix, check_store,
                                           ids_dtype, read_header, suffixes, targets_md5, to_fp16, topk_and_rest)
 from kd_plugin.teacher import Teacher
@@ -51,7 +51,7 @@ logger = logging.getLogger("kd_plugin.cli.dump_teacher")
 
 PROG = "kd-dump-teacher"
 # header keys that may differ between the shards of one run (other mount points; per-shard counts)
-NOT_COMPARED = common.SHARD_KEYS + ("data", "teacher_paths", "num_tokens")
+NOT_COMPARED = outputs.SHARD_KEYS + ("data", "teacher_paths", "num_tokens")
 DATA_PARTS = ("lprobs", "ids", "rest")
 
 
@@ -59,17 +59,17 @@ def get_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, description="Cache a teacher's top-K log-probs on the gold targets of a binarized split.",
         epilog="merge shards: %s merge --out DIR --split SPLIT (see '%s merge --help')" % (PROG, PROG))
-    common.add_data_args(parser)
-    common.add_teacher_args(parser)
-    parser.add_argument("--topk", type=common.positive_int, default=8, help="K most likely tokens kept per position")
+    flags.add_data_args(parser)
+    flags.add_teacher_args(parser)
+    parser.add_argument("--topk", type=flags.positive_int, default=8, help="K most likely tokens kept per position")
     parser.add_argument("--targets", metavar="DISTILL", default=None,
                         help="teacher-force on the teacher-decoded targets in DISTILL (kd-distill-corpus --out) "
                              "instead of the gold ones; written to DIR/{split}.topk_on_targets.*")
-    g = common.add_batch_args(parser)
-    g.add_argument("--block-size", type=common.positive_int, default=10000,
+    g = flags.add_batch_args(parser)
+    g.add_argument("--block-size", type=flags.positive_int, default=10000,
                    help="batches stay within blocks of this many consecutive sentences, shards are whole blocks "
                         "(sharding-invariant output)")
-    common.add_output_args(parser)
+    flags.add_output_args(parser)
     return parser
 
 
@@ -102,13 +102,13 @@ class BlockBatches(BaseWrapperDataset):
 
 def shard_range(n, block, num_shards, shard_id):
     """Shard I of N: the sentences of blocks [floor(b I / N), floor(b (I+1) / N)), b = ceil(n / block)."""
-    lo, hi = common.shard_range(-(-n // block), num_shards, shard_id)
+    lo, hi = fairseq_io.shard_range(-(-n // block), num_shards, shard_id)
     return min(lo * block, n), min(hi * block, n)
 
 
 def teacher_batches(task, dataset, models, index_range, args):
     """The batches kd-dump-teacher runs the teacher on, for sentences in ``index_range``."""
-    return common.batch_iterator(task, BlockBatches(dataset, args.block_size), models, index_range,
+    return fairseq_io.batch_iterator(task, BlockBatches(dataset, args.block_size), models, index_range,
                                  args.max_tokens, args.batch_size, args.seed)
 
 
@@ -187,12 +187,12 @@ def on_teacher_targets(task, dataset, split, directory):
 
 
 def dump(args):
-    common.check_batch_args(args)
-    task = common.setup_task(common.fairseq_config(args.data, args.source_lang, args.target_lang))
+    flags.check_batch_args(args)
+    task = fairseq_io.setup_task(fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang))
     tgt_dict = task.target_dictionary
     if args.topk > len(tgt_dict):
         raise KDConfigError("--topk %d exceeds the target vocabulary (%d types)" % (args.topk, len(tgt_dict)))
-    dataset = common.load_split(task, args.split)
+    dataset = fairseq_io.load_split(task, args.split)
     if dataset.tgt_sizes is None:
         raise KDConfigError("--split %s has no targets to run the teacher on" % args.split)
     on_targets = {"targets": "gold"}
@@ -201,13 +201,13 @@ def dump(args):
     lo, hi = shard_range(len(dataset), args.block_size, args.num_shards, args.shard_id)
     prefix = cache_prefix(args.out, args.split, on_targets=bool(args.targets))
     if args.num_shards > 1:
-        prefix = common.shard_prefix(prefix, args.shard_id, args.num_shards)
+        prefix = outputs.shard_prefix(prefix, args.shard_id, args.num_shards)
     dtype = ids_dtype(len(tgt_dict))
-    out = common.AtomicOutput(prefix, suffixes(dtype).values(), args.overwrite)  # refuses before any work
+    out = outputs.AtomicOutput(prefix, suffixes(dtype).values(), args.overwrite)  # refuses before any work
 
-    cuda = common.use_cuda(args)
-    teacher = Teacher(*common.load_ensemble(args.path, task, cuda=cuda))
-    teachers = common.teacher_info(teacher.paths)
+    cuda = flags.use_cuda(args)
+    teacher = Teacher(*fairseq_io.load_ensemble(args.path, task, cuda=cuda))
+    teachers = fairseq_io.teacher_info(teacher.paths)
     header = {
         "format": FORMAT, "version": VERSION, "split": args.split, "data": os.path.abspath(args.data),
         "source_lang": task.cfg.source_lang, "target_lang": task.cfg.target_lang,
@@ -227,10 +227,10 @@ def dump(args):
     with out:
         store = TopKStore(out.tmp_prefix, dataset.tgt_sizes[lo:hi], args.topk, dtype)
         run_teacher(teacher, itr, store, lo, args.topk, tgt_dict.pad(),
-                    common.Progress(args.split, hi - lo, args.log_interval), cuda)
+                    fairseq_io.Progress(args.split, hi - lo, args.log_interval), cuda)
         store.finish()
         header["num_tokens"] = store.rows
-        common.write_json(out.tmp_prefix + ".json", header)
+        outputs.write_json(out.tmp_prefix + ".json", header)
     elapsed = time.perf_counter() - start
     logger.info("wrote %s.* : %d tokens in %.1f s (%.0f tokens/s), %.1f bytes/token", prefix, store.rows, elapsed,
                 store.rows / max(elapsed, 1e-9), sum(os.path.getsize(f) for f in out.files) / max(store.rows, 1))
@@ -238,14 +238,14 @@ def dump(args):
 
 def merge(args):
     name = os.path.basename(cache_prefix(args.out, args.split, args.on_targets))
-    _, prefixes = common.find_shards(args.out, name.__eq__)
+    _, prefixes = outputs.find_shards(args.out, name.__eq__)
     headers = [read_header(p, "merge") for p in prefixes]
     lengths = [check_store(p, h, "merge") for p, h in zip(prefixes, headers)]
-    meta = common.merge_shard_metas(headers, [p + ".json" for p in prefixes], ignore=NOT_COMPARED)
+    meta = outputs.merge_shard_metas(headers, [p + ".json" for p in prefixes], ignore=NOT_COMPARED)
     meta.pop("shard")  # the merged header equals an unsharded run's
     meta["num_tokens"] = sum(h["num_tokens"] for h in headers)
     sfx = suffixes(meta["ids_dtype"])
-    out = common.AtomicOutput(cache_prefix(args.out, args.split, args.on_targets), sfx.values(), args.overwrite)
+    out = outputs.AtomicOutput(cache_prefix(args.out, args.split, args.on_targets), sfx.values(), args.overwrite)
     with out:
         for part in DATA_PARTS:
             with open(out.tmp_prefix + sfx[part], "wb") as dst:
@@ -254,13 +254,13 @@ def merge(args):
                         shutil.copyfileobj(src, dst, 1 << 22)
         lengths = np.concatenate(lengths)
         np.concatenate([[0], np.cumsum(lengths)]).astype(OFFSETS_DTYPE).tofile(out.tmp_prefix + sfx["offsets"])
-        common.write_json(out.tmp_prefix + ".json", meta)
+        outputs.write_json(out.tmp_prefix + ".json", meta)
     logger.info("merged %d shards (%d sentences, %d tokens) into %s.*", len(prefixes), meta["count"],
                 meta["num_tokens"], out.prefix)
 
 
 def cli_main(argv=None):
-    common.cli_dispatch(PROG, dump, get_parser, merge, get_merge_parser, argv)
+    flags.cli_dispatch(PROG, dump, get_parser, merge, get_merge_parser, argv)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import warnings
 import torch
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.cli import common
+from kd_plugin.cli import fairseq_io, flags, outputs
 
 PROG = "kd-export"
 QUANTIZATIONS = ("none", "float32", "float16", "int8", "int8_float16", "int8_float32")
@@ -55,8 +55,8 @@ class CheckFailed(RuntimeError):
     """The exported model's greedy output disagrees with fairseq's beyond the rule's tolerance."""
 
 
-class AtomicDirectory(common.AtomicOutput):
-    """:class:`common.AtomicOutput` for one output directory: built at ``tmp_prefix``, renamed at the end.
+class AtomicDirectory(outputs.AtomicOutput):
+    """:class:`outputs.AtomicOutput` for one output directory: built at ``tmp_prefix``, renamed at the end.
 
     With ``overwrite`` the old directory is first moved into the temporary directory (removed with it).
     """
@@ -96,7 +96,7 @@ def get_parser():
                    help="%% of identical outputs required for float16/int8 weights (float32: 100)")
     g.add_argument("--max-len-a", type=float, default=0.0, help="output length cap a*|x|+b (fairseq's)")
     g.add_argument("--max-len-b", type=int, default=200)
-    g.add_argument("--cpu-threads", type=common.positive_int, default=1, help="threads for both decoders")
+    g.add_argument("--cpu-threads", type=flags.positive_int, default=1, help="threads for both decoders")
     return parser
 
 
@@ -163,7 +163,7 @@ def run_check(args, model, task, model_dir):
 
     from kd_plugin.cli import export_check as ec
 
-    sentences = ec.check_sentences(task, common.load_split(task, args.split), args.check)
+    sentences = ec.check_sentences(task, fairseq_io.load_split(task, args.split), args.check)
     translator = ctranslate2.Translator(model_dir, device="cpu", inter_threads=1, intra_threads=args.cpu_threads)
     positions = model.max_decoder_positions()
     theirs = ec.fairseq_greedy(model, task, sentences, args.max_len_a, args.max_len_b)
@@ -205,15 +205,15 @@ def export(args):
     tgt = args.target_lang or getattr(ckpt_task, "target_lang", None)
     with warnings.catch_warnings():  # hydra's deprecation notes while fairseq builds its config
         warnings.simplefilter("ignore", UserWarning)
-        task = common.setup_task(common.fairseq_config(args.data, src, tgt))
+        task = fairseq_io.setup_task(fairseq_io.fairseq_config(args.data, src, tgt))
     src, tgt = task.cfg.source_lang, task.cfg.target_lang
     spm = find_spm(args, state)
     logger.info("sentencepiece model: %s", spm or "none found (pass --spm MODEL to ship one)")
     torch.set_num_threads(args.cpu_threads)
     model = build_fairseq_model(state, task, args.path)
     if args.check:
-        common.load_split(task, args.split)  # a missing split is bad input, found before any work
-    meta = {"checkpoint": os.path.abspath(args.path), "checkpoint_sha256": common.file_sha256(args.path),
+        fairseq_io.load_split(task, args.split)  # a missing split is bad input, found before any work
+    meta = {"checkpoint": os.path.abspath(args.path), "checkpoint_sha256": fairseq_io.file_sha256(args.path),
             "source_lang": src, "target_lang": tgt, "quantization": args.quantization,
             "ctranslate2": ctranslate2.__version__, "sentencepiece_model": os.path.abspath(spm) if spm else None,
             "check": None}
@@ -223,7 +223,7 @@ def export(args):
             shutil.copyfile(spm, os.path.join(out.tmp_prefix, "spm.model"))
         if args.check:
             meta["check"] = run_check(args, model, task, out.tmp_prefix)
-        common.write_json(os.path.join(out.tmp_prefix, "kd_export.json"), meta)
+        outputs.write_json(os.path.join(out.tmp_prefix, "kd_export.json"), meta)
         with open(os.path.join(out.tmp_prefix, "README.txt"), "w") as f:
             f.write(readme_text(meta, spm))
     size = sum(os.path.getsize(os.path.join(out.prefix, f)) for f in os.listdir(out.prefix))
@@ -234,7 +234,7 @@ def export(args):
 def cli_main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        common.run_cli(export, args, PROG)
+        flags.run_cli(export, args, PROG)
     except CheckFailed as e:
         print("%s: check failed: %s" % (PROG, e), file=sys.stderr)
         sys.exit(1)

@@ -9,7 +9,7 @@ teacher_entropy (mean per-token entropy of the teacher on the gold prefix, nats)
 Prints the Spearman correlation of the gate with each column: the Pearson correlation of the ranks,
 tied values sharing the mean of the ranks they span (:func:`spearman`; lengths tie often).
 
-Like the other console scripts (kd_plugin.cli.common): existing outputs are refused unless --overwrite
+Like the other console scripts (kd_plugin.cli.outputs): existing outputs are refused unless --overwrite
 (checked before any work), the TSV and the PNG are written under temporary names and renamed into place,
 and bad input (missing data dir or checkpoint, unknown or empty split, a checkpoint without a learned
 gate) exits with status 2 and one line.
@@ -24,18 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.cli import common
+from kd_plugin.cli import fairseq_io, flags, outputs
 
 PROG = "kd-gate-dump"
 
 
 def get_parser():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    g = common.add_data_args(p)
+    g = flags.add_data_args(p)
     g.set_defaults(split="valid")
     g.add_argument("--path", required=True, help="hybrid_kd student checkpoint (with a learned gate)")
     g.add_argument("--teacher-path", help="teacher checkpoint(s): adds entropy/disagreement columns")
-    g.add_argument("--max-tokens", type=common.positive_int, default=4000)
+    g.add_argument("--max-tokens", type=flags.positive_int, default=4000)
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="output TSV")
     o.add_argument("--plot", help="output PNG: gate histogram and gate vs. source length")
@@ -51,13 +51,13 @@ def _load(args):
 
     if not os.path.isfile(args.path):
         raise KDConfigError("--path: checkpoint not found: %s" % args.path)
-    cfg = common.fairseq_config(args.data, args.source_lang, args.target_lang)
+    cfg = fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang)
     state = read_checkpoint(args.path, "--path")
     crit_cfg = state["cfg"].criterion
     if not state.get("criterion") or not any(k.startswith("gate.") for k in state["criterion"]):
         raise KDConfigError("--path: %s holds no learned gate (train with --criterion hybrid_kd and "
                             "--kd-gate sentence or scalar)" % args.path)
-    task = common.setup_task(cfg)
+    task = fairseq_io.setup_task(cfg)
     _load_split(task, args.split, args.data)
     [model], _ = load_members(args.path, task, "--path")
     gate = build_gate(crit_cfg.kd_gate, state["cfg"].model.encoder_embed_dim, crit_cfg.kd_gate_hidden)
@@ -69,13 +69,13 @@ def _load(args):
 
 
 def _load_split(task, split, data):
-    """common.load_split, and one clear error for a split of no sentences (whose empty .bin fairseq
+    """fairseq_io.load_split, and one clear error for a split of no sentences (whose empty .bin fairseq
     cannot even memory-map)."""
     src, tgt = task.cfg.source_lang, task.cfg.target_lang
     pairs = ("%s-%s" % (src, tgt), "%s-%s" % (tgt, src))  # fairseq accepts either order
     first = data.split(":")[0]
     bins = [os.path.join(first, "%s.%s.%s.bin" % (split, pair, lang)) for pair in pairs for lang in (src, tgt)]
-    if any(os.path.isfile(b) and os.path.getsize(b) == 0 for b in bins) or len(common.load_split(task, split)) == 0:
+    if any(os.path.isfile(b) and os.path.getsize(b) == 0 for b in bins) or len(fairseq_io.load_split(task, split)) == 0:
         raise KDConfigError("--split: the %s split of %s is empty" % (split, data))
 
 
@@ -153,8 +153,8 @@ def plot(rows, path):
 
 
 def dump(args):
-    tsv = common.AtomicOutput(args.out, [""], args.overwrite, "--out")  # refuses existing output before any work
-    png = common.AtomicOutput(args.plot, [""], args.overwrite, "--plot") if args.plot else contextlib.nullcontext()
+    tsv = outputs.AtomicOutput(args.out, [""], args.overwrite, "--out")  # refuses existing output before any work
+    png = outputs.AtomicOutput(args.plot, [""], args.overwrite, "--plot") if args.plot else contextlib.nullcontext()
     if args.plot and os.path.abspath(args.plot) == os.path.abspath(args.out):
         raise KDConfigError("--plot and --out are the same file %s" % args.out)
     task, model, gate, teacher = _load(args)
@@ -174,7 +174,7 @@ def dump(args):
 
 
 def cli_main(argv=None):
-    common.run_cli(dump, get_parser().parse_args(argv), PROG)
+    flags.run_cli(dump, get_parser().parse_args(argv), PROG)
 
 
 if __name__ == "__main__":
