@@ -24,6 +24,8 @@ from demo_pipeline import REPO  # noqa: E402
 from kd_plugin import advice  # noqa: E402
 from kd_plugin.cli import advise  # noqa: E402
 
+SCOPE = ("one teacher (the demo's 2+2-layer d=128 transformer, 1.43M parameters, 3 epochs) on one corpus "
+         "(LibreOffice help de-en), students trained 2,049 updates: a prior from docs/STUDY.md, not a guarantee")
 DECODING = {"beam5": (5, False), "greedy": (1, False), "sample": (1, True)}  # study.DECODINGS as kd-advise flags
 
 
@@ -86,6 +88,7 @@ def main(argv=None):
     parser.add_argument("--methods", default="plain,token,sentence,hybrid")
     parser.add_argument("--sample", type=int, default=500, help="kd-advise --sample")
     parser.add_argument("--out", default=advise.RULE, help="the rule file (default: the shipped one)")
+    parser.add_argument("--scope", default=SCOPE, help="what the rule was fitted on, printed by kd-advise")
     args = parser.parse_args(argv)
     args.teacher = args.teacher or os.path.join(args.work, "ckpt", "teacher", "checkpoint_last.pt")
     methods = args.methods.split(",")
@@ -103,7 +106,7 @@ def main(argv=None):
                    "bleu_lost_max": max(o["bleu_lost"] for o in loo), "per_cell": loo},
            "fitted": {"command": "examples/study_advise.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                       "results": os.path.relpath(args.results, REPO), "sample": args.sample,
-                      "date": datetime.date.today().isoformat()}}
+                      "date": datetime.date.today().isoformat(), "scope": args.scope}}
     with open(args.out + ".tmp", "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

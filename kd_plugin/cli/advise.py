@@ -53,7 +53,7 @@ NOTES = {
     "hybrid": "hybrid_kd runs the student on gold and teacher-decoded prefixes: about 2x token_kd's student "
               "compute per update; at equal compute, token_kd for twice the epochs beat it on the demo "
               "(docs/MIX.md, 'Equal compute')",
-    "plain": "no KD method beat plain training in the study cells near these signals",
+    "plain": "on this side of the rule every KD method scored below plain training in the study's cells",
 }
 CRITERION = {"plain": "label_smoothed_cross_entropy (no KD)", "token": "token_kd", "sentence": "sentence_kd",
              "hybrid": "hybrid_kd"}
@@ -184,12 +184,12 @@ def advise(doc, signals):
                            "cells": loo["cells"], "nearest_cell": near["cell"], "nearest_best": ranked[0],
                            "nearest_margin": near["bleu"][ranked[0]] - near["bleu"][ranked[1]],
                            "nearest_agrees": ranked[0] == method},
-            "note": NOTES.get(method, "")}
+            "note": NOTES.get(method, ""), "scope": doc.get("fitted", {}).get("scope", "")}
 
 
 def describe_rule(rule):
     if rule.get("signal") is None:
-        return "%s in every study cell" % rule["method"]
+        return "always %s (no one-signal split of the study's cells loses less BLEU)" % rule["method"]
     return "%s if %s <= %.4g, else %s" % (rule["below"], rule["signal"], rule["threshold"], rule["above"])
 
 
@@ -200,7 +200,8 @@ def text_report(result):
     lines += ["  prepare: %s" % p for p in rec["prepare"]]
     if rec["note"]:
         lines.append("  note: %s" % rec["note"])
-    lines += ["rule: %s (fitted on %d study cells)" % (describe_rule(rec["rule"]), c["cells"]),
+    lines += ["rule: %s (fitted on %d study cells%s)" % (describe_rule(rec["rule"]), c["cells"],
+                                                       ": " + rec["scope"] if rec["scope"] else ""),
               "confidence: leave-one-cell-out accuracy %.0f%%, mean BLEU lost %.2f; nearest study cell %s: best %s "
               "by %.2f BLEU (%s)" % (100 * c["loo_accuracy"], c["loo_bleu_lost"], c["nearest_cell"], c["nearest_best"],
                                      c["nearest_margin"], "agrees" if c["nearest_agrees"] else "DISAGREES"),
