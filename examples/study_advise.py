@@ -64,6 +64,12 @@ def measure_cell(args, coords):
     return advise.measure(advise.get_parser().parse_args(argv + (["--sampling"] if sampling else [])))
 
 
+def constant_losses(cells):
+    """{method: (mean, max) over cells of best BLEU - the method's BLEU}: the baselines of the rule."""
+    lost = {m: [max(c["bleu"].values()) - c["bleu"][m] for c in cells] for m in cells[0]["bleu"]}
+    return {m: (statistics.mean(v), max(v)) for m, v in lost.items()}
+
+
 def markdown(cells, loo, rule):
     rows = ["| cell | " + " | ".join(advice.SIGNALS) + " | best (BLEU) | LOO rule | LOO pick | BLEU lost |",
             "|---|" + "---:|" * len(advice.SIGNALS) + "---|---|---|---:|"]
@@ -73,6 +79,8 @@ def markdown(cells, loo, rule):
             c["cell"], sig, o["best"], c["bleu"][o["best"]], advise.describe_rule(o["rule"]), o["pick"],
             o["bleu_lost"]))
     acc = sum(o["correct"] for o in loo) / len(loo)
+    rows.append("\nBLEU lost per cell if one method is always used (mean, max): " + ", ".join(
+        "%s %.2f, %.2f" % (m, mean, worst) for m, (mean, worst) in constant_losses(cells).items()) + ".")
     rows.append("\nRule fitted on all %d cells: %s. Leave-one-cell-out: %d/%d correct (%.0f%%), mean BLEU lost "
                 "%.2f, max %.2f." % (len(cells), advise.describe_rule(rule), sum(o["correct"] for o in loo),
                                      len(loo), 100 * acc, statistics.mean(o["bleu_lost"] for o in loo),
@@ -103,7 +111,9 @@ def main(argv=None):
     doc = {"version": 1, "methods": methods, "signals": list(advice.SIGNALS), "rule": rule, "cells": cells,
            "loo": {"cells": len(loo), "accuracy": sum(o["correct"] for o in loo) / len(loo),
                    "bleu_lost_mean": statistics.mean(o["bleu_lost"] for o in loo),
-                   "bleu_lost_max": max(o["bleu_lost"] for o in loo), "per_cell": loo},
+                   "bleu_lost_max": max(o["bleu_lost"] for o in loo), "per_cell": loo,
+                   "always": {m: {"bleu_lost_mean": v[0], "bleu_lost_max": v[1]}
+                              for m, v in constant_losses(cells).items()}},
            "fitted": {"command": "examples/study_advise.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                       "results": os.path.relpath(args.results, REPO), "sample": args.sample,
                       "date": datetime.date.today().isoformat(), "scope": args.scope}}
