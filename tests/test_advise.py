@@ -167,7 +167,7 @@ def test_json_has_recommendation_signals_and_confidence(advised):
     assert rule["signal"] == "capacity_ratio" and rec["rule"] == rule
     assert rec["method"] == ("sentence" if advised["signals"]["capacity_ratio"] <= rule["threshold"] else "token")
     assert set(rec["confidence"]) >= {"loo_accuracy", "loo_bleu_lost", "nearest_cell", "nearest_best",
-                                      "nearest_margin", "nearest_agrees"}
+                                      "nearest_margin", "nearest_agrees", "always_bleu_lost"}
     assert rec["confidence"]["loo_accuracy"] == 0.5 and rec["scope"] == ""  # the test rule has no "fitted"
     assert advised["info"]["sampled"] == 60 and advised["signals"]["decoding"] == 1
 

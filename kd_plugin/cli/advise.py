@@ -14,10 +14,12 @@ Bad input: one line ``kd-advise: error: ...``, exit status 2.
 """
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -183,7 +185,8 @@ def advise(doc, signals):
             "confidence": {"loo_accuracy": loo["accuracy"], "loo_bleu_lost": loo["bleu_lost_mean"],
                            "cells": loo["cells"], "nearest_cell": near["cell"], "nearest_best": ranked[0],
                            "nearest_margin": near["bleu"][ranked[0]] - near["bleu"][ranked[1]],
-                           "nearest_agrees": ranked[0] == method},
+                           "nearest_agrees": ranked[0] == method,
+                           "always_bleu_lost": {m: v["bleu_lost_mean"] for m, v in loo.get("always", {}).items()}},
             "note": NOTES.get(method, ""), "scope": doc.get("fitted", {}).get("scope", "")}
 
 
@@ -191,6 +194,12 @@ def describe_rule(rule):
     if rule.get("signal") is None:
         return "always %s (no one-signal split of the study's cells loses less BLEU)" % rule["method"]
     return "%s if %s <= %.4g, else %s" % (rule["below"], rule["signal"], rule["threshold"], rule["above"])
+
+
+def always(confidence):
+    """" (always token 1.00, ...)": the BLEU lost by each constant choice, for scale."""
+    lost = confidence["always_bleu_lost"]
+    return " (always %s)" % ", ".join("%s %.2f" % kv for kv in lost.items()) if lost else ""
 
 
 def text_report(result):
@@ -202,9 +211,10 @@ def text_report(result):
         lines.append("  note: %s" % rec["note"])
     lines += ["rule: %s (fitted on %d study cells%s)" % (describe_rule(rec["rule"]), c["cells"],
                                                        ": " + rec["scope"] if rec["scope"] else ""),
-              "confidence: leave-one-cell-out accuracy %.0f%%, mean BLEU lost %.2f; nearest study cell %s: best %s "
-              "by %.2f BLEU (%s)" % (100 * c["loo_accuracy"], c["loo_bleu_lost"], c["nearest_cell"], c["nearest_best"],
-                                     c["nearest_margin"], "agrees" if c["nearest_agrees"] else "DISAGREES"),
+              "confidence: leave-one-cell-out accuracy %.0f%%, mean BLEU lost %.2f%s; nearest study cell %s: best %s "
+              "by %.2f BLEU (%s)" % (100 * c["loo_accuracy"], c["loo_bleu_lost"], always(c), c["nearest_cell"],
+                                     c["nearest_best"], c["nearest_margin"],
+                                     "agrees" if c["nearest_agrees"] else "DISAGREES"),
               "signals:",
               "  capacity_ratio      %.3f  (student %d / teacher %d parameters)"
               % (s["capacity_ratio"], i["student_params"], i["teacher_params"]),
@@ -231,7 +241,22 @@ def main(args):
 
 def cli_main(argv=None):
     args = get_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    flags.run_cli(main, args, PROG)
+    flags.run_cli(quiet_main, args, PROG)
+
+
+def quiet_main(args):
+    """:func:`main` without fairseq's INFO lines (LOGLEVEL=INFO brings them back) and without hydra's and
+    torch's deprecation notices: the report is for reading. Both are restored afterwards."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(os.environ.get("LOGLEVEL", "WARNING").upper())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return main(args)
+    finally:
+        root.setLevel(level)
 
 
 if __name__ == "__main__":
