@@ -19,6 +19,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo  # noqa: E402
 from demo_pipeline import REPO  # noqa: E402
 
 from kd_plugin import advice  # noqa: E402
@@ -30,12 +31,10 @@ DECODING = {"beam5": (5, False), "greedy": (1, False), "sample": (1, True)}  # s
 
 
 def arch_flags(size):
-    """fairseq flags of a study size name ``l{layers}-d{dim}-f{ffn}-h{heads}`` (examples/demo.py model_args)."""
+    """fairseq flags of a study size name ``l{layers}-d{dim}-f{ffn}-h{heads}`` (the demo's model_args)."""
     layers, dim, ffn, heads = (int(part[1:]) for part in size.split("-"))
-    out = ["--arch", "transformer", "--share-all-embeddings"]
-    for flag, value in (("layers", layers), ("embed-dim", dim), ("ffn-embed-dim", ffn), ("attention-heads", heads)):
-        out += ["--encoder-%s" % flag, str(value), "--decoder-%s" % flag, str(value)]
-    return " ".join(out)
+    a = argparse.Namespace(student_layers=layers, student_dim=dim, student_ffn=ffn, student_heads=heads)
+    return " ".join(str(f) for f in demo.model_args(a, "student"))
 
 
 def cell_table(records, methods):

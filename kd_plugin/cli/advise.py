@@ -113,27 +113,17 @@ def sample_ids(n, size, seed):
 
 
 def teacher_signals(teacher, dataset, ids, max_tokens, pad):
-    """Teacher entropy, confidence and gold NLL (kd_plugin.advice) on sentences ``ids`` of ``dataset``."""
-    sums, batch, tokens = [], [], 0
+    """Teacher entropy, confidence and gold NLL (kd_plugin.advice) on sentences ``ids`` of ``dataset``,
+    in fairseq's own length-sorted batches of at most ``max_tokens``."""
     model = teacher.models[0]
-    device = next(model.parameters()).device
-
-    def flush():
-        sample = dataset.collater(batch)
-        sample = utils.move_to_cuda(sample) if device.type == "cuda" else sample
+    cuda = next(model.parameters()).device.type == "cuda"
+    order = ids[np.argsort(dataset.num_tokens_vec(ids), kind="stable")]
+    sums = []
+    for batch in dataset.batch_by_size(order, max_tokens=max_tokens):
+        sample = dataset.collater([dataset[int(i)] for i in batch])
+        sample = utils.move_to_cuda(sample) if cuda else sample
         lprobs = teacher.signal(sample["net_input"], model)["lprobs"]
         sums.append(advice.teacher_sums(lprobs, sample["target"], pad))
-
-    for i in ids:
-        item = dataset[int(i)]
-        width = max(len(item["source"]), len(item["target"]))
-        if batch and (len(batch) + 1) * max(tokens, width) > max_tokens:
-            flush()
-            batch, tokens = [], 0
-        batch.append(item)
-        tokens = max(tokens, width)
-    if batch:
-        flush()
     return advice.teacher_means(sums)
 
 
