@@ -8,4 +8,7 @@ compat.apply()
 cli_errors.patch_fairseq_cli()
 
 from kd_plugin import criterions, tasks  # noqa: E402,F401  (registration side effects)
+from kd_plugin.criterions import state as _criterion_state  # noqa: E402
 from kd_plugin.tasks import translation_kd  # noqa: E402,F401
+
+_criterion_state.patch_trainer()  # parameter-less criterion state across resumes; refuses retired modes

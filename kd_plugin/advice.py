@@ -1,7 +1,7 @@
 r"""kd-advise's maths: the scenario signals, and the rule fitted on the study's cells (docs/STUDY.md).
 
 Signals of a scenario (data split, teacher, student, decoding):
-    capacity_ratio      = P_student / P_teacher   (parameters, kd_plugin.compat.count_parameters)
+    capacity_ratio      = P_student / P_teacher   (parameters, kd_plugin.model_size.count_parameters)
     src_len             = mean over source sentences of |x| in subword pieces (EOS not counted)
     rare_rate           = share of source pieces whose dictionary index is outside the most frequent quarter of
                           the dictionary's real types: idx >= nspecial + floor((|V| - nspecial) / 4)

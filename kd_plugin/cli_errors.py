@@ -37,7 +37,17 @@ def one_line_errors(main):
 
 
 def patch_fairseq_cli():
-    """Wrap ``main`` of every imported ``fairseq_cli.*`` module (idempotent)."""
+    """Wrap ``main`` of every imported ``fairseq_cli.*`` module (idempotent); inside such a command, refuse a
+    retired flag on its command line in one line (kd_plugin.retired) instead of argparse's "unrecognized"."""
+    from kd_plugin.retired import check_argv
+
+    inside = False
     for name, module in list(sys.modules.items()):
         if name.startswith("fairseq_cli.") and callable(getattr(module, "main", None)):
             module.main = one_line_errors(module.main)
+            inside = True
+    if inside:
+        try:
+            check_argv(sys.argv[1:])
+        except KDConfigError as e:
+            exit_with(os.path.basename(sys.argv[0]), e)

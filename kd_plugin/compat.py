@@ -59,21 +59,6 @@ def is_weight_copy(name):
     return attr in _BT_COPIES and layer.split(".")[-2:-1] == ["layers"]
 
 
-def count_parameters(named_tensors):
-    """Model parameters among ``(name, tensor)`` pairs (a state dict's items or ``named_parameters()``): float
-    tensors, each storage once (shared embeddings), without the weight copies above and fairseq's
-    ``_float_tensor`` / ``version`` buffers."""
-    seen, total = set(), 0
-    for name, tensor in named_tensors:
-        if not tensor.is_floating_point() or name.endswith(("_float_tensor", ".version")) or is_weight_copy(name):
-            continue
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += tensor.numel()
-    return total
-
-
 def patch_encoder_bt_copies():
     """Keep the encoder layers' BetterTransformer weight copies out of the trainable parameters.
 
@@ -157,11 +142,8 @@ def patch_clean_shutdown():
 
 @functools.lru_cache(maxsize=None)
 def apply():
-    from kd_plugin.criterions.state import patch_trainer
-
     patch_checkpoint_load()
     patch_encoder_fast_path()
     patch_encoder_bt_copies()
     patch_cpu_ddp()
     patch_clean_shutdown()
-    patch_trainer()  # not a compatibility fix: keeps parameter-less criterion state across resumes

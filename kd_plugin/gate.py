@@ -22,16 +22,7 @@ which teacher signal helps: the gate collapses. Our design therefore
    not learn a global preference for one of them (a limitation, see docs/GATE.md);
 3. predicts g(x) from the input alone (masked mean of the student's encoder states, detached, plus
    log length), so the gate generalizes the benefit signal to a function of x. The last layer starts at
-   zero (g = 1/2), and --kd-gate-warmup N keeps the mix at 1/2 for the first N updates.
-
-4. optionally adds a global logit b moved by a learning-progress controller (``--kd-gate global`` or
-   ``sentence+global``), so the mix can leave 1/2 at the corpus level: g(x) = sigmoid(b + z(x)) with
-       b <- clip(b + eta (rho_tok - rho_sent), -B, B),   rho = log(E_slow[d] / E[d])
-   after every training batch, E_slow a running mean with momentum 0.999 (E: --kd-gate-momentum). rho is how
-   fast a loss has fallen lately (0 on a plateau); the weight moves towards the signal the student is still
-   learning from faster, as learning-progress curricula do (Graves et al. 2017; DistiLLM's adaptive schedule
-   steers by validation-loss progress in the same spirit). b is a buffer, not a parameter: no gradient
-   reaches it, so the loss magnitudes cannot collapse it; |b| <= B keeps both signals in the mix.
+   zero (g = 1/2).
 
 The gate is never used at inference: it lives in the criterion (saved in the checkpoint's "criterion"
 entry, optimized with the model) and the student decodes with stock fairseq-generate.
@@ -40,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kd_plugin.retired import check_gate
 
 
 class SentenceGate(nn.Module):
@@ -62,17 +55,6 @@ class SentenceGate(nn.Module):
         return self.out(torch.tanh(self.hidden(feats))).squeeze(-1)
 
 
-class ScalarGate(nn.Module):
-    """One learnable logit shared by every sentence."""
-
-    def __init__(self):
-        super().__init__()
-        self.logit = nn.Parameter(torch.zeros(()))
-
-    def forward(self, states, padding_mask):
-        return self.logit.expand(states.size(1))
-
-
 class FixedGate(nn.Module):
     """A constant gate value (no parameters)."""
 
@@ -84,57 +66,22 @@ class FixedGate(nn.Module):
         return None
 
 
-class SampledGate(FixedGate):
-    """``sample:<v>``: in training each sentence draws g(x) ~ Bernoulli(v) and the student runs on that one
-    prefix (a B-row pass instead of 2B: E[loss] is fixed:v's); validation uses the exact fixed:v mix."""
-
-
-class ShiftedGate(nn.Module):
-    """z(x) + b: a trained per-sentence gate plus the global controller's final logit (``sentence+global``)."""
-
-    def __init__(self, gate, shift):
-        super().__init__()
-        self.gate, self.shift = gate, float(shift)
-
-    def forward(self, states, padding_mask):
-        return self.gate(states, padding_mask) + self.shift
-
-
 def build_gate(spec, dim, hidden=64):
-    """``sentence`` | ``scalar`` | ``fixed:<value in [0, 1]>`` | ``sample:<value>`` -> the per-sentence module; ``global`` ->
-    FixedGate(0.5) (the controller's b alone), ``sentence+global`` -> the sentence gate (b added by the
-    criterion, see :func:`uses_global`)."""
-    if spec == "global":
-        return FixedGate(0.5)
-    if spec in ("sentence", "sentence+global"):
+    """``sentence`` -> the learned per-sentence gate, ``fixed:<value in [0, 1]>`` -> a constant; retired
+    values (kd_plugin.retired) and anything else -> ValueError naming --kd-gate."""
+    check_gate(spec)
+    if spec == "sentence":
         if not dim:
             raise ValueError("--kd-gate sentence needs the student's encoder dimension (encoder_embed_dim)")
         return SentenceGate(dim, hidden)
-    if spec == "scalar":
-        return ScalarGate()
-    for prefix, cls in (("fixed:", FixedGate), ("sample:", SampledGate)):
-        if spec.startswith(prefix):
-            try:
-                value = float(spec[len(prefix):])
-            except ValueError:
-                value = -1.0
-            if 0.0 <= value <= 1.0:
-                return cls(value)
-    raise ValueError("--kd-gate must be sentence, scalar, global, sentence+global, fixed:<value in [0, 1]> or "
-                     "sample:<value in [0, 1]>; got %r" % spec)
-
-
-def uses_global(spec):
-    """Whether ``--kd-gate spec`` adds the global controller's logit b."""
-    return spec in ("global", "sentence+global")
-
-
-def progress_step(logit, fast, slow, rate, bound):
-    """b + rate (log(slow_tok / fast_tok) - log(slow_sent / fast_sent)), clipped to [-bound, bound];
-    fast, slow: (tok, sent) running means (float64 scalars)."""
-    rho_tok = torch.log(slow[0].clamp(min=1e-6) / fast[0].clamp(min=1e-6))
-    rho_sent = torch.log(slow[1].clamp(min=1e-6) / fast[1].clamp(min=1e-6))
-    return (logit + rate * (rho_tok - rho_sent)).clamp(-bound, bound)
+    if spec.startswith("fixed:"):
+        try:
+            value = float(spec[len("fixed:"):])
+        except ValueError:
+            value = -1.0
+        if 0.0 <= value <= 1.0:
+            return FixedGate(value)
+    raise ValueError("--kd-gate must be fixed:<value in [0, 1]> or sentence; got %r" % spec)
 
 
 def _moments(d_tok, d_sent, reduce):
@@ -153,23 +100,14 @@ class BenefitTarget(nn.Module):
     Under data-parallel training (``update=True`` with torch.distributed initialized) the running means and
     the standardization use the statistics of ALL workers' batches (one all-reduce of six numbers), so N
     workers with batches of B sentences compute the targets one worker would compute on their union. The
-    running means stay float32 whatever the criterion's dtype (see :meth:`_apply`). With ``global_rate`` set
-    it also keeps slow running means and the global controller's logit b (:func:`progress_step`), updated from
-    the same all-reduced statistics, so every worker holds the same b.
+    running means stay float32 whatever the criterion's dtype (see :meth:`_apply`).
     """
 
-    SLOW_MOMENTUM = 0.999
-
-    def __init__(self, tau=1.0, momentum=0.99, global_rate=None, global_bound=2.0):
+    def __init__(self, tau=1.0, momentum=0.99):
         super().__init__()
         self.tau, self.momentum = tau, momentum
         self.register_buffer("mean_tok", torch.zeros(()))
         self.register_buffer("mean_sent", torch.zeros(()))
-        self.global_rate, self.global_bound = global_rate, global_bound
-        if global_rate is not None:  # the global controller's state (absent otherwise: older checkpoints load)
-            self.register_buffer("slow_tok", torch.zeros(()))
-            self.register_buffer("slow_sent", torch.zeros(()))
-            self.register_buffer("global_logit", torch.zeros(()))
 
     def _apply(self, fn, *args, **kwargs):
         """Device moves apply, dtype casts do not: under --fp16/--bf16 fairseq halves the criterion, and a
@@ -184,16 +122,9 @@ class BenefitTarget(nn.Module):
     def forward(self, d_tok, d_sent, update=True):
         n, s_sent, s_tok, ss_sent, ss_tok, s_cross = _moments(d_tok, d_sent, update)
         if update:
-            pairs = [(self.mean_tok, s_tok, self.momentum), (self.mean_sent, s_sent, self.momentum)]
-            if self.global_rate is not None:
-                pairs += [(self.slow_tok, s_tok, self.SLOW_MOMENTUM), (self.slow_sent, s_sent, self.SLOW_MOMENTUM)]
-            for buf, total, momentum in pairs:
+            for buf, total in ((self.mean_tok, s_tok), (self.mean_sent, s_sent)):
                 m = (total / n).to(buf)
-                buf.copy_(m if buf.item() == 0 else momentum * buf + (1 - momentum) * m)
-            if self.global_rate is not None:
-                self.global_logit.copy_(progress_step(
-                    self.global_logit.double(), (self.mean_tok.double(), self.mean_sent.double()),
-                    (self.slow_tok.double(), self.slow_sent.double()), self.global_rate, self.global_bound))
+                buf.copy_(m if buf.item() == 0 else self.momentum * buf + (1 - self.momentum) * m)
         inv_s = 1.0 / self.mean_sent.double().clamp(min=1e-6)
         inv_t = 1.0 / self.mean_tok.double().clamp(min=1e-6)
         diff = d_sent.double() * inv_s - d_tok.double() * inv_t

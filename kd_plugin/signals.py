@@ -7,8 +7,7 @@ r"""Teacher signals as the task hands them to the criterions, and their alignmen
                                 renormalized), and log(1 - sum_k p_k), the log-mass outside them (-inf for K = V).
 Online teachers produce either form (top-K when the criterion asks for it); the offline cache produces
 the second (fp16 values, the rest clamped to the fp16 range). ``sample["teacher_target"]`` /
-``sample["teacher_net_input"]`` carry teacher-decoded targets, and ``sample["teacher_on_targets"]`` the
-teacher's token-level signal on those decoded prefixes (same forms, aligned with ``sample["teacher_target"]``).
+``sample["teacher_net_input"]`` carry teacher-decoded targets.
 
 Top-K KD compares two distributions over K+1 bins: the teacher's K ids and one bin for all other tokens,
     p = (p_1 .. p_K, p_rest),   p_rest = 1 - sum_k p_k      (teacher, T=1, as stored / computed)
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 TEACHER = "teacher"
 TEACHER_TARGET = "teacher_target"
 TEACHER_NET_INPUT = "teacher_net_input"
-TEACHER_ON_TARGETS = "teacher_on_targets"  # the teacher on its decoded prefixes (aligned with TEACHER_TARGET)
 REST_FLOOR = float(torch.finfo(torch.float16).min)  # floor of the teacher's rest log-mass (the cache's range)
 _LOG_HALF = math.log(0.5)
 

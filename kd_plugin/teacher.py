@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fairseq import checkpoint_utils, models
 
 from kd_plugin.checks import KDConfigError, check_dictionaries_match, check_finite
-from kd_plugin.compat import count_parameters
+from kd_plugin.model_size import count_parameters
 from kd_plugin.signals import topk_signal
 
 logger = logging.getLogger(__name__)

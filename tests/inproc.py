@@ -33,7 +33,7 @@ def criterion_loss(task, model, criterion, sample, train=False):
     sample = dict(sample)
     model.train(train)
     criterion.train(train)
-    task.add_teacher_signal(sample, model, criterion)
+    task.add_teacher_signal(sample, model)
     with torch.set_grad_enabled(train):
         return criterion(model, sample)
 

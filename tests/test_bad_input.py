@@ -284,20 +284,14 @@ FLAG_CASES += [("token_kd", "--kd-select-rate", v, ("--kd-select", "batch")) for
 FLAG_CASES += [("token_kd", "--kd-select-queue", v, ("--kd-select", "global")) for v in ("0", "-1")]
 FLAG_CASES += [("sentence_kd", "--kd-gold-mix", v, ()) for v in ("-0.1", "1.1", "nan")]
 FLAG_CASES += [("hybrid_kd", "--kd-alpha", "1.5", ()), ("hybrid_kd", "--kd-temperature", "0", ())]
-FLAG_CASES += [("hybrid_kd", "--kd-gold-weight", v, ()) for v in ("-1", "nan")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-tau", v, ()) for v in ("0", "-1", "nan")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-weight", v, ()) for v in ("-1", "nan")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-momentum", v, ()) for v in ("-0.1", "1.1", "nan")]
-FLAG_CASES += [("hybrid_kd", "--kd-gate-warmup", "-1", ())]
 FLAG_CASES += [("hybrid_kd", "--kd-gate-hidden", v, ()) for v in ("0", "-1")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("nope", "fixed:1.5", "fixed:-0.5", "fixed:x", "fixed:nan",
-                                                         "sample:1.5", "sample:x", "global+sentence")]
-FLAG_CASES += [("hybrid_kd", "--kd-gate-global-rate", v, ("--kd-gate", "global")) for v in ("-1", "nan")]
-FLAG_CASES += [("hybrid_kd", "--kd-gate-global-bound", v, ("--kd-gate", "global")) for v in ("0", "nan")]
-CURRICULUM = ("--kd-mix", "curriculum")
-FLAG_CASES += [("hybrid_kd", f, v, CURRICULUM)
-               for f in ("--kd-mix-start", "--kd-mix-end") for v in ("-0.1", "1.1", "nan")]
-FLAG_CASES += [("hybrid_kd", "--kd-mix-ramp", "-1", CURRICULUM), ("hybrid_kd", "--kd-gold-weight", "0.5", CURRICULUM)]
+                                                         "global+sentence")]
+# retired gate values: refused naming the flag (and the commit that last had them, tests/test_retired.py)
+FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("scalar", "global", "sentence+global", "sample:0.5")]
 
 
 @pytest.mark.parametrize("criterion,flag,value,extra", FLAG_CASES,

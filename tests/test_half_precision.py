@@ -37,7 +37,7 @@ def train_step(task, model, criterion, sample, dtype=None):
     model.train()
     criterion.train()
     model.zero_grad()
-    task.add_teacher_signal(sample, model, criterion)
+    task.add_teacher_signal(sample, model)
     loss, _, log = criterion(model, sample)
     loss.backward()
     grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])

@@ -11,6 +11,7 @@ from fairseq.data import Dictionary
 from omegaconf import OmegaConf
 
 from kd_plugin.criterions.token_kd import TokenKDCriterion
+from kd_plugin.tasks.translation_kd import TranslationKDTask
 from kd_plugin.selection import GlobalCEQueue, select_batch
 
 
@@ -152,7 +153,8 @@ def criterion(**kw):
     dictionary = Dictionary()
     for i in range(V - len(dictionary)):
         dictionary.add_symbol("w%d" % i)
-    task = SimpleNamespace(target_dictionary=dictionary, serves_teacher_signals=True)
+    task = TranslationKDTask.__new__(TranslationKDTask)  # no data: the criterion reads the dictionary only
+    task.tgt_dict = dictionary
     return TokenKDCriterion(task, sentence_avg=False, label_smoothing=0.1, **kw)
 
 

@@ -202,7 +202,7 @@ def test_mismatched_cache_is_refused(data_bin, teacher, cache, tmp_path):
     task.cfg.teacher_cache = cache
     task.load_dataset("valid")
     sample = task.dataset("valid").collater([task.dataset("valid")[i] for i in range(4)])
-    crit.teacher_topk = 16
+    crit.topk = 16
     with pytest.raises(ValueError, match="--kd-topk 16 exceeds the teacher signal's K=8"):
         criterion_loss(task, model, crit, sample)
 

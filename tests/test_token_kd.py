@@ -63,9 +63,9 @@ def test_topk_equal_to_vocab_equals_full(data_bin, teacher):
     task, model, crit, _, _ = _pair(data_bin, teacher, "--kd-alpha", "0.7", "--kd-divergence", "js")
     sample = first_batch(task)
     full, _, _ = criterion_loss(task, model, crit, sample)
-    crit.teacher_topk = len(task.target_dictionary)
+    crit.topk = len(task.target_dictionary)
     topk, _, _ = criterion_loss(task, model, crit, sample)
-    crit.teacher_topk = 4
+    crit.topk = 4
     small, _, _ = criterion_loss(task, model, crit, sample)
     assert topk.item() == pytest.approx(full.item(), rel=1e-5)
     assert small.item() != pytest.approx(full.item(), rel=1e-3)

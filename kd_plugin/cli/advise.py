@@ -29,7 +29,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from kd_plugin import advice
 from kd_plugin.checks import KDConfigError
 from kd_plugin.cli import fairseq_io, flags
-from kd_plugin.compat import count_parameters
+from kd_plugin.model_size import count_parameters
 from kd_plugin.teacher import Teacher
 
 PROG = "kd-advise"

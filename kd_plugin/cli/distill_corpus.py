@@ -55,7 +55,7 @@ from fairseq.data.indexed_dataset import (MMapIndexedDataset, MMapIndexedDataset
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
 from kd_plugin.cli import fairseq_io, flags, outputs
-from kd_plugin.tasks.translation_kd import teacher_targets_prefix
+from kd_plugin.data.kd_dataset import teacher_targets_prefix
 
 logger = logging.getLogger("kd_plugin.cli.distill_corpus")
 

@@ -3,8 +3,7 @@ token-level KD without running the teacher during training (``--teacher-cache DI
 
     kd-dump-teacher --data DATA_BIN --path T.pt[:T2.pt] --split train --topk 8 --out DIR
                     [--max-tokens 4000 | --batch-size N] [--num-shards N --shard-id I] [--overwrite]
-                    [--targets DISTILL]
-    kd-dump-teacher merge --out DIR --split train [--on-targets] [--overwrite]
+    kd-dump-teacher merge --out DIR --split train [--overwrite]
 
 Teacher forcing on the gold target: position t of sentence i gets the teacher's distribution
 p(. | y_<t, x) (an ensemble averages the members' probabilities, kd_plugin.teacher.Teacher), of which
@@ -13,10 +12,6 @@ the store keeps the K most likely ids with their log-probs and the log-mass outs
 (DIR/{split}.topk.{lprobs.f16,ids.u16,rest.f16,idx,json}). Dump every split the training reads
 (train and valid): ``--teacher-cache`` loads the cache of each. kd-distill-corpus --out DIR can put the
 teacher-decoded targets in the same directory.
-
-``--targets DISTILL`` (the --out of kd-distill-corpus) forces the teacher on its own decoded targets y^
-instead, p(. | y^_<t, x), into DIR/{split}.topk_on_targets.* (header: targets "teacher" and the md5 of
-DISTILL's .bin; a gold dump says targets "gold"): sample["teacher_on_targets"] for hybrid_kd's --kd-mix rules.
 
 Sharding: ``--num-shards N --shard-id I`` runs the teacher on a contiguous index range of the split
 into DIR/shards/{split}.topk.shard{I}of{N}.*; ``merge`` checks that the shards come from the same data,
@@ -39,12 +34,12 @@ import time
 
 import numpy as np
 from fairseq import utils
-from fairseq.data import BaseWrapperDataset, LanguagePairDataset
+from fairseq.data import BaseWrapperDataset
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
 from kd_plugin.cli import fairseq_io, flags, outputs
 from kd_plugin.data.teacher_cache import (FORMAT, LPROBS_DTYPE, OFFSETS_DTYPE, VERSION, cache_prefix, check_store,
-                                          ids_dtype, read_header, suffixes, targets_md5, to_fp16, topk_and_rest)
+                                          ids_dtype, read_header, suffixes, to_fp16, topk_and_rest)
 from kd_plugin.teacher import Teacher
 
 logger = logging.getLogger("kd_plugin.cli.dump_teacher")
@@ -62,9 +57,6 @@ def get_parser():
     flags.add_data_args(parser)
     flags.add_teacher_args(parser)
     parser.add_argument("--topk", type=flags.positive_int, default=8, help="K most likely tokens kept per position")
-    parser.add_argument("--targets", metavar="DISTILL", default=None,
-                        help="teacher-force on the teacher-decoded targets in DISTILL (kd-distill-corpus --out) "
-                             "instead of the gold ones; written to DIR/{split}.topk_on_targets.*")
     g = flags.add_batch_args(parser)
     g.add_argument("--block-size", type=flags.positive_int, default=10000,
                    help="batches stay within blocks of this many consecutive sentences, shards are whole blocks "
@@ -78,7 +70,6 @@ def get_merge_parser():
                                      description="Concatenate DIR/shards/{split}.topk.shard{I}of{N}.* in order.")
     parser.add_argument("--out", required=True, metavar="DIR", help="the --out of the sharded runs")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--on-targets", action="store_true", help="merge the shards of a --targets dump")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing merged cache")
     return parser
 
@@ -172,20 +163,6 @@ def run_teacher(teacher, itr, store, lo, k, pad, progress, cuda):
     progress.finish()
 
 
-def on_teacher_targets(task, dataset, split, directory):
-    """``dataset`` with its targets replaced by the teacher-decoded ones in ``directory`` (checked against the
-    split and the dictionary), and their header fields."""
-    from kd_plugin.tasks.translation_kd import load_teacher_targets
-
-    targets = load_teacher_targets(directory, split, task.cfg.source_lang, task.cfg.target_lang,
-                                   task.target_dictionary, len(dataset), dataset.left_pad_target, flag="--targets")
-    pair = LanguagePairDataset(dataset.src, dataset.src_sizes, dataset.src_dict, targets.dataset, targets.sizes,
-                               dataset.tgt_dict, left_pad_source=dataset.left_pad_source,
-                               left_pad_target=dataset.left_pad_target, eos=dataset.eos, shuffle=dataset.shuffle)
-    return pair, {"targets": "teacher", "targets_md5": targets_md5(targets.prefix),
-                  "targets_path": os.path.abspath(targets.prefix)}
-
-
 def dump(args):
     flags.check_batch_args(args)
     task = fairseq_io.setup_task(fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang))
@@ -195,11 +172,8 @@ def dump(args):
     dataset = fairseq_io.load_split(task, args.split)
     if dataset.tgt_sizes is None:
         raise KDConfigError("--split %s has no targets to run the teacher on" % args.split)
-    on_targets = {"targets": "gold"}
-    if args.targets:
-        dataset, on_targets = on_teacher_targets(task, dataset, args.split, args.targets)
     lo, hi = shard_range(len(dataset), args.block_size, args.num_shards, args.shard_id)
-    prefix = cache_prefix(args.out, args.split, on_targets=bool(args.targets))
+    prefix = cache_prefix(args.out, args.split)
     if args.num_shards > 1:
         prefix = outputs.shard_prefix(prefix, args.shard_id, args.num_shards)
     dtype = ids_dtype(len(tgt_dict))
@@ -217,7 +191,7 @@ def dump(args):
         "teacher_sha256": [t["sha256"] for t in teachers], "teacher_paths": [t["path"] for t in teachers],
         "batching": {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "seed": args.seed,
                      "block_size": args.block_size},
-        **on_targets,
+        "targets": "gold",
     }
     if args.num_shards > 1:
         header["shard"] = {"id": args.shard_id, "num_shards": args.num_shards}
@@ -237,7 +211,7 @@ def dump(args):
 
 
 def merge(args):
-    name = os.path.basename(cache_prefix(args.out, args.split, args.on_targets))
+    name = os.path.basename(cache_prefix(args.out, args.split))
     _, prefixes = outputs.find_shards(args.out, name.__eq__)
     headers = [read_header(p, "merge") for p in prefixes]
     lengths = [check_store(p, h, "merge") for p, h in zip(prefixes, headers)]
@@ -245,7 +219,7 @@ def merge(args):
     meta.pop("shard")  # the merged header equals an unsharded run's
     meta["num_tokens"] = sum(h["num_tokens"] for h in headers)
     sfx = suffixes(meta["ids_dtype"])
-    out = outputs.AtomicOutput(cache_prefix(args.out, args.split, args.on_targets), sfx.values(), args.overwrite)
+    out = outputs.AtomicOutput(cache_prefix(args.out, args.split), sfx.values(), args.overwrite)
     with out:
         for part in DATA_PARTS:
             with open(out.tmp_prefix + sfx[part], "wb") as dst:

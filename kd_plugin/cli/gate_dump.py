@@ -46,7 +46,8 @@ def get_parser():
 def _load(args):
     """(task with the split loaded, student, gate, teacher or None); KDConfigError on bad input."""
     import kd_plugin  # noqa: F401  (patches, registrations)
-    from kd_plugin.gate import ShiftedGate, build_gate
+    from kd_plugin.gate import build_gate
+    from kd_plugin.retired import check_criterion_cfg
     from kd_plugin.teacher import Teacher, load_members, read_checkpoint
 
     if not os.path.isfile(args.path):
@@ -54,16 +55,15 @@ def _load(args):
     cfg = fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang)
     state = read_checkpoint(args.path, "--path")
     crit_cfg = state["cfg"].criterion
+    check_criterion_cfg(crit_cfg, "--path %s" % args.path)
     if not state.get("criterion") or not any(k.startswith("gate.") for k in state["criterion"]):
         raise KDConfigError("--path: %s holds no learned gate (train with --criterion hybrid_kd and "
-                            "--kd-gate sentence or scalar)" % args.path)
+                            "--kd-gate sentence)" % args.path)
     task = fairseq_io.setup_task(cfg)
     _load_split(task, args.split, args.data)
     [model], _ = load_members(args.path, task, "--path")
     gate = build_gate(crit_cfg.kd_gate, state["cfg"].model.encoder_embed_dim, crit_cfg.kd_gate_hidden)
     gate.load_state_dict({k[len("gate."):]: v for k, v in state["criterion"].items() if k.startswith("gate.")})
-    if "benefit.global_logit" in state["criterion"]:  # --kd-gate sentence+global: g = sigmoid(z(x) + b)
-        gate = ShiftedGate(gate, state["criterion"]["benefit.global_logit"])
     teacher = Teacher.load(args.teacher_path, task) if args.teacher_path else None
     return task, model, gate.eval(), teacher
 

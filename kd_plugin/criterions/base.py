@@ -1,4 +1,5 @@
-"""What every kd-plugin criterion shares: checked access to the teacher signals and metric helpers."""
+"""What every kd-plugin criterion shares: its declared needs, checked access to the teacher signals, metric
+helpers. Each subclass sets ``self.teacher_needs`` (kd_plugin.needs.TeacherNeeds) in its constructor."""
 import math
 
 from fairseq import metrics
@@ -21,12 +22,10 @@ def check_range(flag, value, lo, hi, lo_open=False):
 class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus access to the teacher's signals in the sample."""
 
-    teacher_signals = ()  # subset of {"logits", "targets"}
-    gold_targets = True  # whether the loss ever runs the student on the gold target (batching counts it)
-    teacher_topk = 0
-
     def __init__(self, task, *args, **kwargs):
-        if not getattr(task, "serves_teacher_signals", False):
+        from fairseq.tasks import TASK_REGISTRY
+
+        if not isinstance(task, TASK_REGISTRY.get("translation_kd", ())):  # the task serves the teacher signals
             from fairseq.criterions import CRITERION_REGISTRY
 
             name = next((k for k, v in CRITERION_REGISTRY.items() if v is type(self)), type(self).__name__)

@@ -12,6 +12,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
 
 from kd_plugin.criterions.base import KDCriterionBase, check_range
+from kd_plugin.needs import TeacherNeeds
 from kd_plugin.signals import TEACHER_NET_INPUT, TEACHER_TARGET
 
 
@@ -47,18 +48,13 @@ def teacher_target_sample(sample, pad, use_gold=None):
 
 @register_criterion("sentence_kd", dataclass=SentenceKDConfig)
 class SentenceKDCriterion(KDCriterionBase):
-    teacher_signals = ("targets",)
-
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  kd_gold_mix=0.0):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         check_range("--kd-gold-mix", kd_gold_mix, 0, 1)
         self.gold_mix = kd_gold_mix
-
-    @property
-    def gold_targets(self):
-        """Gold targets are trained on only with --kd-gold-mix > 0 (batching counts them then)."""
-        return self.gold_mix > 0
+        # gold targets are trained on only with --kd-gold-mix > 0 (batching counts them then)
+        self.teacher_needs = TeacherNeeds(targets=True, gold_targets=kd_gold_mix > 0)
 
     def sentence_sample(self, sample):
         self.require(sample, TEACHER_TARGET)

@@ -22,6 +22,7 @@ from fairseq.dataclass import ChoiceEnum
 from kd_plugin.checks import KDConfigError
 from kd_plugin.criterions.base import KDCriterionBase, check_range
 from kd_plugin.divergences import DIVERGENCES, full_vocab_divergence, get_divergence
+from kd_plugin.needs import TeacherNeeds
 from kd_plugin.selection import GlobalCEQueue, select_batch
 from kd_plugin.signals import TEACHER, aligned_log_probs, signal_topk
 
@@ -46,8 +47,6 @@ class TokenKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
 
 @register_criterion("token_kd", dataclass=TokenKDConfig)
 class TokenKDCriterion(KDCriterionBase):
-    teacher_signals = ("logits",)
-
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
                  kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000):
@@ -64,7 +63,8 @@ class TokenKDCriterion(KDCriterionBase):
         self.alpha, self.temperature = kd_alpha, kd_temperature
         self.divergence = get_divergence(str(kd_divergence))
         self.div_kwargs = {"js_beta": kd_js_beta, "skew_lambda": kd_skew_lambda}
-        self.teacher_topk = kd_topk
+        self.topk = kd_topk
+        self.teacher_needs = TeacherNeeds(logits=True, topk=kd_topk)
         self.select_mode, self.select_rate = str(kd_select), kd_select_rate
         self.ce_queue = GlobalCEQueue(kd_select_queue) if self.select_mode == "global" else None
 
@@ -80,11 +80,11 @@ class TokenKDCriterion(KDCriterionBase):
         mask = target.ne(self.padding_idx)
         if self.ignore_prefix_size > 0:
             mask[:, : self.ignore_prefix_size] = False
-        if not self.teacher_topk and not signal_topk(teacher):  # full vocabulary: chunked, lean on memory
+        if not self.topk and not signal_topk(teacher):  # full vocabulary: chunked, lean on memory
             d = full_vocab_divergence(self.divergence, lprobs, teacher["lprobs"], mask, self.temperature,
                                       **self.div_kwargs)
         else:
-            lp, lq = aligned_log_probs(teacher, lprobs, mask, self.temperature, self.teacher_topk)
+            lp, lq = aligned_log_probs(teacher, lprobs, mask, self.temperature, self.topk)
             d = self.divergence(lp, lq, **self.div_kwargs)
         d = self.temperature ** 2 * d
         if self.select_mode != "all":

@@ -2,14 +2,58 @@
 
 Each extra source (teacher-decoded targets, the offline top-K cache) is indexed like the wrapped
 dataset; items are fetched per sample and collated in the batch's own order (``sample["id"]``).
+Which extras a batch carries and which target lengths batching counts follow the criterion's
+kd_plugin.needs.TeacherNeeds, read through a :class:`NeedsRef` that the task fills once the criterion
+exists (fairseq loads the validation split before it builds the criterion; batches are made after).
 """
 import functools
+import json
+import os
 
 import numpy as np
-import torch
 from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
 
-from kd_plugin.signals import TEACHER_NET_INPUT, TEACHER_TARGET
+from kd_plugin.checks import KDConfigError, dictionary_checksum
+from kd_plugin.signals import TEACHER, TEACHER_NET_INPUT, TEACHER_TARGET
+
+
+class NeedsRef:
+    """The criterion's TeacherNeeds, shared by the task and its datasets (None until the criterion exists)."""
+
+    def __init__(self):
+        self.needs = None
+
+    def wants(self, key):
+        """Whether batches carry the extra ``key`` (all extras while the needs are unknown)."""
+        n = self.needs
+        return n is None or (n.logits if key == TEACHER else n.targets)
+
+    def counts_gold(self):
+        return self.needs is None or self.needs.gold_targets
+
+
+def teacher_targets_prefix(directory, split, src, tgt):
+    return os.path.join(directory, "%s.%s-%s.%s" % (split, src, tgt, tgt))
+
+
+def load_teacher_targets(directory, split, src, tgt, dictionary, expected_len, left_pad, flag="--teacher-targets"):
+    """Teacher-decoded targets (kd-distill-corpus output) for ``split``, checked against the split and the
+    target dictionary."""
+    prefix = teacher_targets_prefix(directory, split, src, tgt)
+    ds = data_utils.load_indexed_dataset(prefix, dictionary)
+    if ds is None:
+        raise KDConfigError("%s: no teacher-decoded %s split at %s.{bin,idx} "
+                            "(make it with kd-distill-corpus --split %s)" % (flag, split, prefix, split))
+    if len(ds) != expected_len:
+        raise KDConfigError("%s: %s.bin holds %d sentences but the %s split has %d"
+                            % (flag, prefix, len(ds), split, expected_len))
+    meta_file = prefix + ".json"
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("dictionary_md5") not in (None, dictionary_checksum(dictionary)):
+            raise KDConfigError("%s: %s was built with another target dictionary" % (flag, meta_file))
+    return TeacherTargets(ds, dictionary, left_pad, prefix)
 
 
 class TeacherTargets:
@@ -36,25 +80,31 @@ class TeacherTargets:
 
 
 class KDLanguagePairDataset(BaseWrapperDataset):
-    """Wraps a LanguagePairDataset and adds ``extras`` (objects with ``key``, ``[i]`` and ``collate``)."""
+    """Wraps a LanguagePairDataset and adds ``extras`` (objects with ``key``, ``sizes``, ``[i]`` and
+    ``collate``), those the criterion needs (``needs``, a :class:`NeedsRef`)."""
 
-    def __init__(self, dataset, extras, gold_targets=True):
+    def __init__(self, dataset, extras, needs):
         super().__init__(dataset)
-        self.extras = list(extras)
-        self.batch_by_gold(gold_targets)
+        self.extras, self.needs = list(extras), needs
+        self._sizes = {}
 
-    def batch_by_gold(self, gold_targets):
+    @property
+    def target_sizes(self):
         """Target lengths for batching: max(gold, teacher-decoded), or the teacher-decoded alone when the
         criterion never runs the student on the gold target (sentence_kd without gold mix)."""
-        decoded = [e.sizes for e in self.extras if getattr(e, "sizes", None) is not None]
-        gold = self.dataset.tgt_sizes if self.dataset.tgt_sizes is not None else self.dataset.src_sizes
-        lengths = decoded if decoded and not gold_targets else [gold] + decoded
-        self.target_sizes = functools.reduce(np.maximum, lengths)
+        key = self.needs.needs
+        if key not in self._sizes:
+            decoded = [e.sizes for e in self.extras if e.sizes is not None and self.needs.wants(e.key)]
+            gold = self.dataset.tgt_sizes if self.dataset.tgt_sizes is not None else self.dataset.src_sizes
+            lengths = decoded if decoded and not self.needs.counts_gold() else [gold] + decoded
+            self._sizes[key] = functools.reduce(np.maximum, lengths)
+        return self._sizes[key]
 
     def __getitem__(self, index):
         item = self.dataset[index]
         for extra in self.extras:
-            item[extra.key] = extra[index]
+            if self.needs.wants(extra.key):
+                item[extra.key] = extra[index]
         return item
 
     def collater(self, samples):
@@ -64,7 +114,8 @@ class KDLanguagePairDataset(BaseWrapperDataset):
         by_id = {s["id"]: s for s in samples}
         order = [by_id[i] for i in sample["id"].tolist()]
         for extra in self.extras:
-            extra.collate([s[extra.key] for s in order], sample)
+            if self.needs.wants(extra.key):
+                extra.collate([s[extra.key] for s in order], sample)
         return sample
 
     def ordered_indices(self):

@@ -1,5 +1,4 @@
-r"""Offline teacher cache: the teacher's top-K log-probabilities for every gold target token of a split
-(or, dumped with ``kd-dump-teacher --targets DISTILL``, for every token of its own decoded targets).
+r"""Offline teacher cache: the teacher's top-K log-probabilities for every gold target token of a split.
 
 Written by ``kd-dump-teacher`` (kd_plugin/cli/dump_teacher.py); read by ``--task translation_kd
 --teacher-cache DIR`` through :func:`load_teacher_cache` (no teacher is loaded then).
@@ -12,10 +11,8 @@ Layout for split S with N sentences and n target tokens (eos included), prefix D
   .json         header, written last (the commit marker): format, version, split, source/target_lang,
                 split_size N, count, range, num_tokens n, k, ids_dtype, vocab_size, dictionary_md5
                 (kd_plugin.checks.dictionary_checksum), teacher_sha256 / teacher_paths, batching, data,
-                targets ("gold", or "teacher" with targets_md5 / targets_path: the kd-distill-corpus output)
-The teacher's signal on its own decoded targets (sample["teacher_on_targets"], hybrid_kd --kd-mix rules) is a
-store of the same layout under DIR/S.topk_on_targets.*, teacher-forced on DISTILL/S.{src}-{tgt}.{tgt}; it is
-served only with teacher-decoded targets whose .bin has the header's md5 (and length per sentence).
+                targets ("gold"; caches of retired versions dumped on teacher-decoded targets say "teacher"
+                and are refused)
 Raw little-endian arrays read with np.memmap; rows are in sentence-id order, so reading sample i is
 O(1) and a merged sharded dump is the concatenation of its shards. Size: 4K + 2 bytes per token plus
 8 per sentence, i.e. 34 bytes/token for K = 8.
@@ -25,7 +22,6 @@ those bins at --kd-temperature (kd_plugin.signals): exact at T=1, an approximati
 distribution otherwise (and for an ensemble the top-K of the averaged T=1 distribution stands in for the
 tempered average).
 """
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +30,7 @@ import numpy as np
 import torch
 
 from kd_plugin.checks import KDConfigError, check_finite, dictionary_checksum
-from kd_plugin.signals import TEACHER, TEACHER_ON_TARGETS, TEACHER_TARGET, topk_signal
+from kd_plugin.signals import TEACHER, topk_signal
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +46,12 @@ def ids_dtype(vocab_size):
     return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<i4")
 
 
-ON_TARGETS = "topk_on_targets"  # store name of a cache dumped on the teacher-decoded targets
+def cache_prefix(directory, split):
+    return os.path.join(directory, "%s.topk" % split)
 
 
-def cache_prefix(directory, split, on_targets=False):
-    return os.path.join(directory, "%s.%s" % (split, ON_TARGETS if on_targets else "topk"))
-
-
-def has_cache(directory, split, on_targets=False):
-    return os.path.isfile(cache_prefix(directory, split, on_targets) + ".json")
-
-
-def targets_md5(prefix, chunk=1 << 20):
-    """md5 of the token ids of teacher-decoded targets ``prefix``.bin (kd-distill-corpus output)."""
-    h = hashlib.md5()
-    with open(prefix + ".bin", "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def has_cache(directory, split):
+    return os.path.isfile(cache_prefix(directory, split) + ".json")
 
 
 def suffixes(dtype):
@@ -139,12 +123,10 @@ class TeacherCache:
     (fork or spawn) open their own.
     """
 
-    key = TEACHER
+    key = TEACHER  # the sample entry it fills, aligned with sample["target"] (collated before)
     sizes = None  # no effect on batching
 
-    def __init__(self, prefix, k, dtype, pad, left_pad, key=TEACHER, target_key="target"):
-        """``key``: the sample entry it fills; ``target_key``: the targets it is aligned with (collated before)."""
-        self.key, self.target_key = key, target_key
+    def __init__(self, prefix, k, dtype, pad, left_pad):
         self.prefix, self.k, self.dtype = prefix, k, np.dtype(dtype)
         self.files = {p: prefix + s for p, s in suffixes(self.dtype).items()}
         self.pad, self.left_pad = pad, left_pad
@@ -175,13 +157,13 @@ class TeacherCache:
 
     def collate(self, items, sample):
         """sample[key] = {"topk_lprobs": B x T x K float16, "topk_ids": B x T x K long,
-        "topk_rest": B x T float16}, padded like sample[target_key] (padding holds id 0 / log-prob 0; the
+        "topk_rest": B x T float16}, padded like sample["target"] (padding holds id 0 / log-prob 0; the
         criterion masks it). The rest rows are read here by sample id (items hold log-probs and ids).
 
         The log-probs stay in their stored float16: fairseq's Trainer casts float32 sample tensors to the
         training dtype (--fp16 / --bf16), so float32 here would be rounded to bf16 under --bf16; float16
         passes unchanged and kd_plugin.signals upcasts it to float32 before any arithmetic."""
-        target = sample[self.target_key]
+        target = sample["target"]
         bsz, tgt_len = target.shape
         lprobs = np.zeros((bsz, tgt_len, self.k), dtype=LPROBS_DTYPE)
         ids = np.zeros((bsz, tgt_len, self.k), dtype=np.int64)
@@ -209,53 +191,24 @@ def load_teacher_cache(directory, split, dataset, dictionary):
     prefix = cache_prefix(directory, split)
     if dataset.tgt_sizes is None:
         raise KDConfigError("%s: %s.json cannot serve the %s split: it has no targets" % (FLAG, prefix, split))
-    header = _checked_header(prefix, split, dictionary, "gold", len(dataset), dataset.tgt_sizes)
+    header = _checked_header(prefix, split, dictionary, len(dataset), dataset.tgt_sizes)
     return TeacherCache(prefix, header["k"], header["ids_dtype"], dictionary.pad(),
                         getattr(dataset, "left_pad_target", False))
 
 
-def load_teacher_cache_on_targets(directory, split, targets, dictionary):
-    """The cached top-K on the teacher-decoded ``targets`` (kd_plugin.data.kd_dataset.TeacherTargets) of
-    ``split``, checked like :func:`load_teacher_cache` and against the md5 of the targets' .bin; None when
-    ``directory`` holds no such store or no teacher-decoded targets are given."""
-    prefix = cache_prefix(directory, split, on_targets=True)
-    if targets is None or not os.path.isfile(prefix + ".json"):
-        return None
-    header = _checked_header(prefix, split, dictionary, "teacher", len(targets.sizes), targets.sizes)
-    md5 = targets_md5(targets.prefix)
-    if header.get("targets_md5") != md5:
-        raise KDConfigError("%s: %s.json was dumped on other teacher-decoded targets (%s, md5 %s) than %s.bin "
-                            "(md5 %s): dump again with kd-dump-teacher --targets" % (
-                                FLAG, prefix, header.get("targets_path"), header.get("targets_md5"),
-                                targets.prefix, md5))
-    return TeacherCache(prefix, header["k"], header["ids_dtype"], dictionary.pad(), targets.left_pad,
-                        key=TEACHER_ON_TARGETS, target_key=TEACHER_TARGET)
-
-
-def require_cache_on_targets(directory, split, criterion):
-    """Start-up check: ``directory`` holds the teacher's top-K on its decoded targets for ``split``."""
-    prefix = cache_prefix(directory, split, on_targets=True)
-    if not os.path.isfile(prefix + ".json"):
-        gold = " (it holds a cache on the gold targets, %s.json)" % cache_prefix(directory, split) \
-            if has_cache(directory, split) else ""
-        raise KDConfigError("%s: %s.json not found%s: criterion %s needs the teacher on its decoded targets; "
-                            "dump them with kd-dump-teacher --targets DISTILL" % (FLAG, prefix, gold, criterion))
-    read_header(prefix)
-
-
-def _checked_header(prefix, split, dictionary, targets, count, lengths):
-    """The header of store ``prefix``, checked against the split, the dictionary, the kind of ``targets`` it
-    was dumped on ("gold" or "teacher"), the number of sentences and each sentence's target length."""
+def _checked_header(prefix, split, dictionary, count, lengths):
+    """The header of store ``prefix``, checked against the split, the dictionary, the targets it was dumped
+    on (gold), the number of sentences and each sentence's gold target length."""
     header = read_header(prefix)
-    what = "gold target" if targets == "gold" else "teacher-decoded target"
 
     def refuse(msg, *args):
         raise KDConfigError("%s: %s.json %s" % (FLAG, prefix, msg % args))
 
     if header.get("split") != split:
         refuse("was dumped for the %r split, not %r", header.get("split"), split)
-    if header.get("targets", "gold") != targets:
-        refuse("was dumped on the %s targets, not the %s ones", header.get("targets"), targets)
+    if header.get("targets", "gold") != "gold":
+        refuse("was dumped on the %s targets, not the gold ones (kd-dump-teacher --targets was retired after "
+               "commit e6da8c8)", header.get("targets"))
     md5 = dictionary_checksum(dictionary)
     if header.get("dictionary_md5") != md5 or header.get("vocab_size") != len(dictionary):
         refuse("was dumped with another target dictionary (%s types, md5 %s; the task's has %d types, md5 %s)",
@@ -269,24 +222,23 @@ def _checked_header(prefix, split, dictionary, targets, count, lengths):
     stored = check_store(prefix, header)
     bad = np.flatnonzero(stored != np.asarray(lengths))
     if len(bad):
-        refuse("holds %d tokens for sentence %d but its %s has %d (%d sentences differ): it was "
-               "made for other data", stored[bad[0]], bad[0], what, lengths[bad[0]], len(bad))
-    logger.info("teacher cache %s: %s split, K=%d, %d sentences, %d tokens on the %s targets, teacher(s) %s",
-                prefix, split, header["k"], header["count"], header["num_tokens"], targets,
+        refuse("holds %d tokens for sentence %d but its gold target has %d (%d sentences differ): it was "
+               "made for other data", stored[bad[0]], bad[0], lengths[bad[0]], len(bad))
+    logger.info("teacher cache %s: %s split, K=%d, %d sentences, %d tokens on the gold targets, teacher(s) %s",
+                prefix, split, header["k"], header["count"], header["num_tokens"],
                 ", ".join(header.get("teacher_paths", [])))
     return header
 
 
-def check_cache_topk(directory, kd_topk, on_targets=False):
-    """Start-up check of a criterion's --kd-topk against K of every split cached in ``directory`` (the
-    stores on the gold targets, or with ``on_targets`` those on the teacher-decoded ones).
+def check_cache_topk(directory, kd_topk):
+    """Start-up check of a criterion's --kd-topk against K of every split cached in ``directory``.
 
     kd_topk > K is refused; kd_topk = 0 (all tokens) runs KD over the cached top-K (a warning says so).
     Returns the smallest K found, 0 if the directory holds no cache header.
     """
     ks = []
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-        if name.endswith(".%s.json" % (ON_TARGETS if on_targets else "topk")):
+        if name.endswith(".topk.json"):
             prefix = os.path.join(directory, name[: -len(".json")])
             k = read_header(prefix)["k"]
             if kd_topk > k:

@@ -1,0 +1,91 @@
+"""Retired modes (kd_plugin.retired): a flag, a flag value or a checkpoint that asks for one fails with one
+line naming it and the commit that last had it; nothing is written."""
+import os
+import subprocess
+
+import pytest
+import torch
+
+from helpers import BIN, TINY_ARCH, TRAIN_COMMON, USER_DIR, kd_train, load_state
+from kd_plugin.retired import LAST_COMMIT
+
+
+@pytest.mark.parametrize("gate", ["scalar", "global", "sentence+global", "sample:0.5"])
+def test_retired_gate_value_is_refused_naming_it_and_the_commit(data_bin, gate):
+    from inproc import build
+
+    from kd_plugin.checks import KDConfigError
+
+    with pytest.raises(KDConfigError) as e:
+        build(data_bin, "--task", "translation_kd", "--criterion", "hybrid_kd", "--kd-gate", gate)
+    message = str(e.value)
+    assert "--kd-gate %s was removed" % gate in message and LAST_COMMIT in message and "\n" not in message
+
+
+def _fairseq_train(data_bin, save, *extra):
+    cmd = [os.path.join(BIN, "fairseq-train"), data_bin, "--save-dir", save, *TINY_ARCH, *TRAIN_COMMON,
+           "--user-dir", USER_DIR, "--task", "translation_kd", *[str(x) for x in extra]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("flags", [("--kd-mix", "word"), ("--kd-mix-ramp=100",), ("--kd-gold-weight", "0.5"),
+                                   ("--kd-gate-global-rate", "0.1"), ("--kd-gate", "global")])
+def test_retired_flag_on_fairseq_train_is_one_line_exit_2(data_bin, teacher, teacher_targets, tmp_path, flags):
+    save = tmp_path / "ckpt"
+    p = _fairseq_train(data_bin, save, "--criterion", "hybrid_kd", "--teacher-path", teacher,
+                       "--teacher-targets", teacher_targets, "--max-update", "2", *flags)
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("fairseq-train: error: %s" % flags[0].split("=")[0]) and LAST_COMMIT in last, last
+    assert "Traceback" not in p.stderr and not save.exists()
+
+
+def _retire(ckpt, out, **criterion):
+    """A copy of checkpoint ``ckpt`` whose saved criterion configuration says ``criterion`` (as a checkpoint
+    of commit LAST_COMMIT trained with a retired mode would)."""
+    state = load_state(ckpt)
+    for key, value in criterion.items():
+        state["cfg"]["criterion"][key] = value
+    torch.save(state, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hybrid_checkpoint(tmp_path_factory, data_bin, teacher, teacher_targets):
+    save = str(tmp_path_factory.mktemp("hybrid_fixed"))
+    kd_train(data_bin, save, "--criterion", "hybrid_kd", "--kd-gate", "fixed:0.5", "--teacher-path", teacher,
+             "--teacher-targets", teacher_targets, "--label-smoothing", "0.1", max_update=2)
+    return os.path.join(save, "checkpoint_last.pt")
+
+
+@pytest.mark.parametrize("retired,named", [({"kd_gate": "global"}, "--kd-gate global"),
+                                           ({"kd_mix": "confidence"}, "--kd-mix confidence")])
+def test_resuming_a_checkpoint_of_a_retired_mode_fails_naming_it(hybrid_checkpoint, data_bin, teacher,
+                                                                 teacher_targets, tmp_path, retired, named):
+    """fairseq-train --restore-file on such a checkpoint (with today's flags): one line, exit 2, no new file."""
+    old = _retire(hybrid_checkpoint, str(tmp_path / "old.pt"), **retired)
+    save = tmp_path / "resume"
+    p = _fairseq_train(data_bin, save, "--criterion", "hybrid_kd", "--kd-gate", "fixed:0.5", "--teacher-path", teacher,
+                       "--teacher-targets", teacher_targets, "--max-update", "4", "--restore-file", old)
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("fairseq-train: error: %s: %s was removed" % (old, named)) and LAST_COMMIT in last, last
+    assert "Traceback" not in p.stderr
+    assert not save.exists() or not [f for f in os.listdir(save) if f.endswith(".pt")]
+    # the same checkpoint with today's configuration resumes (the refusal is the retired mode's, not the file's)
+    ok = _fairseq_train(data_bin, tmp_path / "resume_ok", "--criterion", "hybrid_kd", "--kd-gate", "fixed:0.5",
+                        "--teacher-path", teacher, "--teacher-targets", teacher_targets, "--max-update", "4",
+                        "--restore-file", hybrid_checkpoint)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_gate_dump_refuses_a_checkpoint_of_a_retired_mode(hybrid_checkpoint, data_bin, tmp_path):
+    old = _retire(hybrid_checkpoint, str(tmp_path / "old.pt"), kd_gate="sentence+global")
+    p = subprocess.run([os.path.join(BIN, "kd-gate-dump"), "--data", data_bin, "--path", old,
+                        "--out", str(tmp_path / "gate.tsv")], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1:] == ["kd-gate-dump: error: --path %s: --kd-gate sentence+global was removed from "
+                                     "kd-plugin (last in commit %s, docs/MIX.md \"Retired modes\"): the learned gate "
+                                     "plus the global controller; no better than the learned gate alone"
+                                     % (old, LAST_COMMIT)]
+    assert not (tmp_path / "gate.tsv").exists()
