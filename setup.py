@@ -31,6 +31,7 @@ setup(
             "kd-gate-dump=kd_plugin.cli.gate_dump:cli_main",
             "kd-export=kd_plugin.cli.export:cli_main",
             "kd-advise=kd_plugin.cli.advise:cli_main",
+            "kd-flags=kd_plugin.cli.list_flags:cli_main",
         ]
     },
 )
