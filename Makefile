@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kd-setup-done
 SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py
 
-.PHONY: setup test test-fast demo demo-quick study study-quick bench gpu-bundle gpu-check clean
+.PHONY: setup test test-fast demo demo-quick teacher study study-quick bench gpu-bundle gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_DEPS)
@@ -28,6 +28,10 @@ demo: setup
 
 demo-quick: setup
 	QUICK=1 $(VPY) examples/demo.py $(DEMO_ARGS)
+
+# A teacher trained to its plateau on the demo corpus (issue 20; resumable, hours on 2 cores): work/plateau
+teacher: setup
+	$(VPY) examples/plateau_teacher.py $(TEACHER_ARGS)
 
 # The KD study (docs/STUDY.md): the full grid (resumable, ~2 h on 2 cores) and its --quick smoke grid
 study: setup
