@@ -22,8 +22,11 @@ tokens over the child's CPU time between those lines (robust to waiting for a sh
 ru_maxrss of that child alone (os.wait4). Reported as ratios to the plain run of the same round (median,
 min-max). Online-teacher runs are compared to FLOPs floors (:func:`floors`). A loss-level probe (:func:`probe`)
 measures the extra peak memory of each loss in units of one (tokens x vocab) fp32 tensor.
+Every configuration (CONFIGS) and probe (PROBES) spells out every flag of its criterion: no measurement depends
+on a criterion default.
 Results: a markdown section written between the BEGIN/END markers of --output (docs/PERFORMANCE.md); the raw
-numbers in WORK/results.json, every run's log in WORK/logs.
+numbers in WORK/results.json (each run with its full fairseq-train command, train_cmd), every run's log in
+WORK/logs.
 """
 import argparse
 import datetime
@@ -47,24 +50,39 @@ USER_DIR = os.path.join(REPO, "kd_plugin")
 DEMO_WORK = os.path.join(REPO, "work", "demo")
 BEGIN, END = "<!-- bench_kd.py: BEGIN (generated, do not edit) -->", "<!-- bench_kd.py: END -->"
 
-# configuration -> (label, extra fairseq-train args formatted with {user_dir} {teacher} {cache} {topk})
+# configuration -> (label, extra fairseq-train args formatted with {user_dir} {teacher} {cache} {topk}); every
+# flag of each criterion is spelled out, so that no measurement depends on a criterion default
 KD = ["--user-dir", "{user_dir}", "--task", "translation_kd"]
 LS = ["--label-smoothing", "0.1"]
+
+
+def token_flags(topk):
+    """token_kd's flags (also hybrid_kd's token-level half): forward KL at T = 1, alpha 1/2, every token."""
+    return ["--kd-alpha", "0.5", "--kd-temperature", "1", "--kd-divergence", "forward_kl", "--kd-js-beta", "0.5",
+            "--kd-skew-lambda", "0.1", "--kd-topk", topk, "--kd-select", "all", "--kd-select-rate", "0.5",
+            "--kd-select-queue", "30000"]
+
+
+# hybrid_kd's weight g(x) fixed at 1/2 (the learned gate's settings given too, unused by a fixed gate)
+HYBRID_GATE = ["--kd-gate", "fixed:0.5", "--kd-gate-tau", "1", "--kd-gate-weight", "1", "--kd-gate-momentum", "0.99",
+               "--kd-gate-hidden", "64"]
 CONFIGS = {
     "plain": ("plain label_smoothed_cross_entropy",
               ["--task", "translation", "--criterion", "label_smoothed_cross_entropy"] + LS),
     "token-online-full": ("token_kd, online teacher, full vocab",
-                          KD + ["--teacher-path", "{teacher}", "--criterion", "token_kd"] + LS),
+                          KD + ["--teacher-path", "{teacher}", "--criterion", "token_kd"] + token_flags("0") + LS),
     "token-online-topk": ("token_kd, online teacher, top-K",
-                          KD + ["--teacher-path", "{teacher}", "--criterion", "token_kd", "--kd-topk", "{topk}"] + LS),
+                          KD + ["--teacher-path", "{teacher}", "--criterion", "token_kd"] + token_flags("{topk}") + LS),
     "token-cache": ("token_kd, cached top-K",
-                    KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd", "--kd-topk", "{topk}"] + LS),
-    "sentence": ("sentence_kd", KD + ["--teacher-targets", "{cache}", "--criterion", "sentence_kd"] + LS),
+                    KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd"] + token_flags("{topk}") + LS),
+    "sentence": ("sentence_kd", KD + ["--teacher-targets", "{cache}", "--criterion", "sentence_kd",
+                                      "--kd-gold-mix", "0"] + LS),
     "hybrid-online-full": ("hybrid_kd, online teacher, full vocab",
                            KD + ["--teacher-path", "{teacher}", "--teacher-targets", "{cache}",
-                                 "--criterion", "hybrid_kd"] + LS),
+                                 "--criterion", "hybrid_kd"] + token_flags("0") + HYBRID_GATE + LS),
     "hybrid-cache": ("hybrid_kd, cached top-K + targets",
-                     KD + ["--teacher-cache", "{cache}", "--criterion", "hybrid_kd", "--kd-topk", "{topk}"] + LS),
+                     KD + ["--teacher-cache", "{cache}", "--criterion", "hybrid_kd"] + token_flags("{topk}")
+                     + HYBRID_GATE + LS),
 }
 # targets: configuration prefix -> (minimum words/s ratio, multiplied by the FLOPs floor?)
 SPEED_TARGETS = {"sentence": (0.97, False), "token-cache": (0.90, False),
@@ -364,12 +382,16 @@ def prepare(a, p):
 
 # ---------------------------------------------------------------------------------------------- loss probe
 
-# probe -> (label, TokenKDCriterion keywords or None for fairseq's label-smoothed CE alone)
+# probe -> (label, TokenKDCriterion keywords or None for fairseq's label-smoothed CE alone); every keyword of the
+# criterion is given (PROBE_TOKEN_KD, overridden per probe; kd_topk None = --topk), none left to its default
+PROBE_TOKEN_KD = {"label_smoothing": 0.1, "kd_alpha": 0.5, "kd_temperature": 1.0, "kd_divergence": "forward_kl",
+                  "kd_js_beta": 0.5, "kd_skew_lambda": 0.1, "kd_topk": 0, "kd_select": "all", "kd_select_rate": 0.5,
+                  "kd_select_queue": 30000}
 PROBES = {
     "ls-ce": ("label_smoothed_cross_entropy (fairseq)", None),
-    "token-full": ("token_kd, forward_kl, full vocab", {}),
-    "token-topk": ("token_kd, forward_kl, top-K", {"kd_topk": None}),
-    "token-js-full": ("token_kd, js, full vocab (generic path)", {"kd_divergence": "js"}),
+    "token-full": ("token_kd, forward_kl, full vocab", PROBE_TOKEN_KD),
+    "token-topk": ("token_kd, forward_kl, top-K", dict(PROBE_TOKEN_KD, kd_topk=None)),
+    "token-js-full": ("token_kd, js, full vocab (generic path)", dict(PROBE_TOKEN_KD, kd_divergence="js")),
 }
 
 
@@ -390,6 +412,7 @@ def probe(name, tokens, vocab, topk):
     from fairseq.data import Dictionary
 
     from kd_plugin.criterions.token_kd import TokenKDCriterion
+    from kd_plugin.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
 
     torch.manual_seed(0)
     bsz, length = tokens // 32, 32
@@ -402,8 +425,8 @@ def probe(name, tokens, vocab, topk):
     model = SimpleNamespace(get_normalized_probs=lambda out, log_probs: F.log_softmax(out[0].float(), -1),
                             get_targets=lambda sample, out: sample["target"])
     kw = PROBES[name][1]
-    crit = None if kw is None else TokenKDCriterion(
-        SimpleNamespace(target_dictionary=d, serves_teacher_signals=True), sentence_avg=False, label_smoothing=0.1,
+    crit = None if kw is None else TokenKDCriterion(  # the real task class (no data, no teacher: never loaded)
+        TranslationKDTask(TranslationKDConfig(data="unused"), d, d), sentence_avg=False,
         **{k: topk if v is None else v for k, v in kw.items()})
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -600,7 +623,9 @@ def main(argv=None):
         order = a.configs[rnd % len(a.configs):] + a.configs[:rnd % len(a.configs)]
         for name in order:
             log = p.path("logs", "run-r%d-%s.log" % (rnd, name))
-            r = run_measured(config_cmd(a, name, paths), log, env, a.warmup, a.warmup + a.updates)
+            cmd = config_cmd(a, name, paths)
+            r = run_measured(cmd, log, env, a.warmup, a.warmup + a.updates)
+            r["train_cmd"] = [demo_report.repo_relative(str(x)) for x in cmd]  # the full command, as run
             if r["rc"] != 0:
                 with open(log, errors="replace") as f:
                     sys.stderr.write("".join(f.readlines()[-30:]))

@@ -8,14 +8,18 @@ It runs examples/demo.py's pipeline in the demo's work directory (corpus, BPE, d
 distilled corpus are built if missing and reused otherwise: the same cached steps), dumps a top-K teacher
 cache when a configuration needs one, then trains one student per (configuration, seed) with the demo's
 student size, optimizer and data for ``--epochs`` epochs, ``--jobs`` at a time, and scores each with stock
-fairseq-generate + sacreBLEU. Each run appends one record to ``--results`` (default docs/mix_results.json:
-configuration, its flags, seed, epochs, updates, BLEU, chrF and their signatures, train seconds, the
-validation loss/nll/ppl after each epoch). A stopped run resumes: finished steps are skipped.
+fairseq-generate + sacreBLEU. Each configuration (CONFIGS) spells out every flag of its criterion, so no run
+depends on a criterion default. Each run appends one record to ``--results`` (default docs/mix_results.json:
+configuration, its flags, the full fairseq-train command the run's step ran (``train_cmd``, from its
+done-marker, paths relative to the repository), seed, epochs, updates, BLEU, chrF and their signatures, train
+seconds, the validation loss/nll/ppl after each epoch). A stopped run resumes: finished steps are skipped.
 
 The report gives, per configuration, mean and standard deviation over seeds and the paired bootstrap
 (1,000 resamples of test sentences, seeds pooled: each resample draws the same sentence ids in every seed)
-of each configuration against ``--baseline``: the mean BLEU difference, its 95% interval and
-p = the share of resamples where the difference is <= 0.
+of each configuration against ``--baseline``: the MEAN over the resamples of the BLEU difference (not the
+difference of the BLEU means in the same table), its 95% interval and p = the share of resamples where the
+difference is <= 0. Records of retired configurations (RETIRED: modes that left kd-plugin) stay readable:
+``--report --configs mix-word,...`` shows them, marked "(retired)", with the flags their records stored.
 """
 import argparse
 import copy
@@ -35,33 +39,53 @@ from demo_report import repo_relative  # noqa: E402
 K = 8
 KD = demo.KD_TASK
 LS = ["--label-smoothing", "0.1"]
-# fairseq-train arguments of each configuration; placeholders as in demo.STUDENTS plus {cache} (top-K cache of
-# the gold prefixes, kd-dump-teacher) and {cache_t} (top-K cache on the teacher-decoded targets, --targets)
 TEACHER = ["--teacher-path", "{teacher}"]
-CONFIGS = {  # spelled out (not demo.STUDENTS) so that the recorded runs keep their meaning when the demo changes
+# Every criterion flag of each configuration is spelled out (values as of the recorded runs; no run depends on a
+# criterion default): label_smoothed_cross_entropy's --label-smoothing, token_kd's nine flags, sentence_kd's
+# --kd-gold-mix, and hybrid_kd = token_kd's flags + its gate's. Placeholders as in demo.STUDENTS plus {cache}
+# (the top-K teacher cache of the gold prefixes, kd-dump-teacher). Spelled out here, not taken from
+# demo.STUDENTS, so that the recorded runs keep their meaning when the demo changes.
+
+
+def token_flags(topk):
+    """token_kd's flags (also hybrid_kd's token-level half): forward KL at T = 1, alpha 1/2, every token."""
+    return ["--kd-alpha", "0.5", "--kd-temperature", "1", "--kd-divergence", "forward_kl", "--kd-js-beta", "0.5",
+            "--kd-skew-lambda", "0.1", "--kd-topk", str(topk), "--kd-select", "all", "--kd-select-rate", "0.5",
+            "--kd-select-queue", "30000"]
+
+
+def gate_flags(gate):
+    """hybrid_kd's gate: ``fixed:<w>`` or ``sentence`` (the learned gate's settings are given either way)."""
+    return ["--kd-gate", gate, "--kd-gate-tau", "1", "--kd-gate-weight", "1", "--kd-gate-momentum", "0.99",
+            "--kd-gate-hidden", "64"]
+
+
+SENTENCE = ["--criterion", "sentence_kd", "--kd-gold-mix", "0"]
+CONFIGS = {
     "plain": ["--criterion", "label_smoothed_cross_entropy"] + LS,
-    "token-full": KD + TEACHER + ["--criterion", "token_kd", "--kd-alpha", "0.5", "--kd-temperature", "1"] + LS,
-    "token-cache8": KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd", "--kd-topk", K,
-                          "--kd-alpha", "0.5", "--kd-temperature", "1"] + LS,
-    "sentence": KD + ["--teacher-targets", "{distill}", "--criterion", "sentence_kd"] + LS,
-    "hybrid-gate": KD + TEACHER + ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd"] + LS,
+    "token-full": KD + TEACHER + ["--criterion", "token_kd"] + token_flags(0) + LS,
+    "token-cache8": KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd"] + token_flags(K) + LS,
+    "sentence": KD + ["--teacher-targets", "{distill}"] + SENTENCE + LS,
+    # online teacher (full vocabulary): the learned per-sentence gate (hybrid_kd's default when its runs were
+    # recorded) and the fixed even mix
+    "hybrid-gate": KD + TEACHER + ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd"] + token_flags(0)
+    + gate_flags("sentence") + LS,
+    "hybrid-even": KD + TEACHER + ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd"] + token_flags(0)
+    + gate_flags("fixed:0.5") + LS,
 }
-CONFIGS["hybrid-even"] = CONFIGS["hybrid-gate"] + ["--kd-gate", "fixed:0.5"]
-# hybrid_kd's two-prefix mix with token-level signals from the cache: fixed weights and the learned gates
-HYBRID_CACHE = KD + ["--teacher-cache", "{cache}", "--teacher-targets", "{distill}", "--criterion", "hybrid_kd",
-                     "--kd-topk", K] + LS
+# hybrid_kd's two-prefix mix with token-level signals from the cache: fixed weights and the learned gate
 for _name, _gate in (("even", "fixed:0.5"), ("w25", "fixed:0.25"), ("w75", "fixed:0.75"), ("gate", "sentence")):
-    CONFIGS["hybrid-%s-cache8" % _name] = HYBRID_CACHE + ["--kd-gate", _gate]
-CONFIGS["hybrid-global-cache8"] = HYBRID_CACHE + ["--kd-gate", "global"]
-CONFIGS["hybrid-sample-cache8"] = HYBRID_CACHE + ["--kd-gate", "sample:0.5"]  # one prefix per sentence: B rows
+    CONFIGS["hybrid-%s-cache8" % _name] = KD + ["--teacher-cache", "{cache}", "--teacher-targets", "{distill}",
+                                                "--criterion", "hybrid_kd"] + token_flags(K) + gate_flags(_gate) + LS
 # Deep encoder, shallow decoder (Kasai et al. 2021) at the demo student's parameter count: 2 + 1 layers with
 # ffn 128 (117,184 non-embedding parameters) instead of 1 + 1 with ffn 256 (116,736); later flags win
 DEEP_SHALLOW = ["--encoder-layers", "2", "--decoder-layers", "1", "--encoder-ffn-embed-dim", "128",
                 "--decoder-ffn-embed-dim", "128"]
 CONFIGS["hybrid-even-cache8-ds"] = CONFIGS["hybrid-even-cache8"] + DEEP_SHALLOW
-for _rule in ("word", "confidence", "entropy", "hkd", "curriculum"):
-    CONFIGS["mix-" + _rule] = KD + ["--teacher-cache", "{cache_t}", "--teacher-targets", "{distill}",
-                                    "--criterion", "hybrid_kd", "--kd-mix", _rule, "--kd-topk", K] + LS
+# Configurations of docs/mix_results.json whose modes left kd-plugin (kd_plugin/retired.py): --report still
+# shows their records, with the flags each record stored; they cannot be trained again.
+RETIRED = {"hybrid-global-cache8": "--kd-gate global", "hybrid-sample-cache8": "--kd-gate sample:0.5",
+           **{"mix-" + r: "--kd-mix " + r for r in ("word", "confidence", "entropy", "hkd", "curriculum")}}
 FIELD_RE = re.compile(r"\| (\w+) ([\d.]+)")
 
 
@@ -69,9 +93,9 @@ def run_name(config, seed, epochs):
     return "%s-s%d-e%d" % (config, seed, epochs)
 
 
-def dump_cache(p, on_targets):
+def dump_cache(p):
     """Top-K teacher cache of train and valid: examples/demo.py's (the same steps and directories)."""
-    return demo.dump_cache(p, on_targets, K)
+    return demo.dump_cache(p, K)
 
 
 def valid_curve(p, name):
@@ -97,7 +121,8 @@ def train_and_score(p, config, seed, paths):
     demo.train(view, name, "student", flags)
     scores = demo.evaluate(view, name)
     view.progress(name, "BLEU %.2f chrF %.2f" % (scores["bleu"], scores["chrf"]))
-    return {"config": config, "flags": [repo_relative(f) for f in flags], "seed": seed, "epochs": epochs, "updates": scores["updates"], "bleu": scores["bleu"],
+    return {"config": config, "flags": [repo_relative(f) for f in flags], "train_cmd": demo.recorded_train_cmd(p, name),
+            "seed": seed, "epochs": epochs, "updates": scores["updates"], "bleu": scores["bleu"],
             "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"],
             "chrf_signature": scores["chrf_signature"], "params": scores["params"],
             "train_seconds": round(p.cached("train-" + name)["seconds"], 1), "valid": valid_curve(p, name),
@@ -178,15 +203,38 @@ def paired_bootstrap(hyps_a, hyps_b, refs, resamples=1000, seed=12345):
             float((diffs <= 0).mean()))
 
 
-def report(records, configs, seeds, epochs, baseline, refs):
-    """Markdown table: per configuration mean/std BLEU and chrF, last valid ppl, train s, bootstrap vs baseline."""
+BOOTSTRAP_CAPTION = (
+    "BLEU and chrF: mean ± sample std over the seeds. Paired-bootstrap diff vs %s: BLEU(config) - BLEU(%s) over "
+    "1,000 resamples of the test sentences, each resample drawing the same sentence ids in every seed and scoring "
+    "the seeds' hypotheses pooled into one corpus; shown are the mean over the resamples, their 2.5%%-97.5%% "
+    "quantiles and p = the share of resamples <= 0. That mean is not the difference of the BLEU means in the "
+    "table (pooled-corpus BLEU is not the mean of per-seed BLEU); n/a: hypotheses or references not on this "
+    "machine.")
 
+
+def load_hyps(rs, refs):
+    """The hypotheses of records ``rs`` (sorted by seed), or None when the references or a file are missing."""
+    paths = [os.path.join(REPO, r["hyps"]) for r in sorted(rs, key=lambda r: r["seed"])]
+    if refs is None or not all(os.path.isfile(f) for f in paths):
+        return None
+    return [read_lines(f) for f in paths]
+
+
+def retired_label(config):
+    return "%s (retired)" % config if config not in CONFIGS else config
+
+
+def report(records, configs, seeds, epochs, baseline, refs):
+    """Markdown: per configuration mean/std BLEU and chrF, last valid ppl, train s and the paired bootstrap
+    against ``baseline`` (BOOTSTRAP_CAPTION says what that column is, under the table); then the stored flags of
+    every retired configuration shown (a record whose configuration left CONFIGS is reported from the record
+    itself). ``refs``: the test references, or None where they are not on this machine."""
     rows = {c: [r for r in records if r["config"] == c and r["epochs"] == epochs and r["seed"] in seeds]
             for c in configs}
-    hyps = {c: [read_lines(os.path.join(REPO, r["hyps"])) for r in sorted(rs, key=lambda r: r["seed"])]
-            for c, rs in rows.items()}
+    hyps = {c: load_hyps(rs, refs) for c, rs in rows.items()}
     lines = ["| config | seeds | BLEU mean ± std | chrF mean ± std | valid ppl (last epoch) | train s | "
-             "BLEU vs %s: diff [95%% CI], p |" % baseline, "|---|---:|---:|---:|---:|---:|---|"]
+             "BLEU vs %s: paired-bootstrap diff (mean [95%% CI], p) |" % baseline,
+             "|---|---:|---:|---:|---:|---:|---|"]
 
     def ms(values):
         return "%.2f ± %.2f" % (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -196,12 +244,23 @@ def report(records, configs, seeds, epochs, baseline, refs):
             continue
         cmp = ""
         if c != baseline and rows.get(baseline) and len(rows[baseline]) == len(rs):
-            d, lo, hi, p = paired_bootstrap(hyps[c], hyps[baseline], refs)
-            cmp = "%+.2f [%+.2f, %+.2f], p = %.3f" % (d, lo, hi, p)
+            if hyps[c] is None or hyps[baseline] is None:
+                cmp = "n/a"
+            else:
+                d, lo, hi, p = paired_bootstrap(hyps[c], hyps[baseline], refs)
+                cmp = "%+.2f [%+.2f, %+.2f], p = %.3f" % (d, lo, hi, p)
         ppl = [r["valid"][-1]["ppl"] for r in rs if r["valid"]]
         lines.append("| %s | %d | %s | %s | %s | %.0f | %s |" % (
-            c, len(rs), ms([r["bleu"] for r in rs]), ms([r["chrf"] for r in rs]), ms(ppl) if ppl else "-",
-            statistics.mean(r["train_seconds"] for r in rs), cmp))
+            retired_label(c), len(rs), ms([r["bleu"] for r in rs]), ms([r["chrf"] for r in rs]),
+            ms(ppl) if ppl else "-", statistics.mean(r["train_seconds"] for r in rs), cmp))
+    lines += ["", BOOTSTRAP_CAPTION % (baseline, baseline)]
+    retired = [c for c, rs in rows.items() if rs and c not in CONFIGS]
+    if retired:
+        lines += ["", "Retired configurations (their modes left kd-plugin, kd_plugin/retired.py; they cannot be "
+                      "trained again), with the flags their records stored:"]
+        for c in retired:
+            for flags in sorted({" ".join(r["flags"]) for r in rows[c]}):
+                lines.append("- %s%s: `%s`" % (c, " (%s)" % RETIRED[c] if c in RETIRED else "", flags))
     return "\n".join(lines)
 
 
@@ -236,6 +295,14 @@ def plot(records, configs, seeds, epochs, path):
     fig.savefig(path, dpi=110)
 
 
+def recorded_configs(path):
+    """The configurations that have records in ``path`` (none if it does not exist)."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        return {r["config"] for r in json.load(f)}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="token-full,token-cache8", help="comma-separated, from %s" % list(CONFIGS))
@@ -251,9 +318,12 @@ def parse_args(argv=None):
                              "over REPS rounds, one thread (the demo's speed phase); 0: no timing")
     args, rest = parser.parse_known_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in args.configs if c not in CONFIGS]
+    known = set(CONFIGS) | (recorded_configs(args.results) if args.report else set())
+    unknown = [c for c in args.configs if c not in known]
     if unknown:
-        parser.error("--configs: unknown %s (choose from %s)" % (unknown, ", ".join(CONFIGS)))
+        retired = [c for c in unknown if c in RETIRED]
+        parser.error("--configs: unknown %s (choose from %s)%s" % (unknown, ", ".join(CONFIGS), (
+            "; %s retired: only --report shows their records" % ", ".join(retired)) if retired else ""))
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
@@ -276,13 +346,11 @@ def main(argv=None):
             p.run("preprocess", demo.preprocess_cmd(p))
             demo.train(p, "teacher", "teacher", demo.TEACHER_CRITERION)
             flags = " ".join(str(f) for c in args.configs for f in CONFIGS[c])
-            if "{distill}" in flags or "{cache_t}" in flags:
+            if "{distill}" in flags:
                 for split in ("train", "valid"):
                     demo.distill(p, split)
             paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": demo.checkpoint(p, "teacher"),
-                     "distill": p.path("distill"),
-                     "cache": dump_cache(p, False) if "{cache}" in flags else None,
-                     "cache_t": dump_cache(p, True) if "{cache_t}" in flags else None}
+                     "distill": p.path("distill"), "cache": dump_cache(p) if "{cache}" in flags else None}
             view = p.with_threads(demo.student_threads(a))
             runs = [(c, s) for s in args.seeds for c in args.configs]
             with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
@@ -303,7 +371,8 @@ def main(argv=None):
             sys.exit("compare_mix: %s" % e)
     with open(args.results) as f:
         records = json.load(f)
-    print(report(records, args.configs, args.seeds, args.epochs, args.baseline, read_lines(refs_path)))
+    refs = read_lines(refs_path) if os.path.isfile(refs_path) else None
+    print(report(records, args.configs, args.seeds, args.epochs, args.baseline, refs))
     chosen = [r for r in records if r["config"] in args.configs and r["seed"] in args.seeds
               and r["epochs"] == args.epochs]
     if any("ct2_speed" in r for r in chosen):

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import build_corpus  # noqa: E402
 from demo_data import check_user_corpus, corpus_step_cmd, make_corpus, preprocess_cmd, train_bpe  # noqa: E402
 from demo_pipeline import REPO, Pipeline, StepFailed, read_lines, tool, write_lines  # noqa: E402,F401
-from demo_report import report  # noqa: E402
+from demo_report import repo_relative, report  # noqa: E402
 from demo_speed import export, inference_columns  # noqa: E402
 
 LANG_RE = re.compile(r"^[A-Za-z0-9_]+$")  # fairseq names files {split}.{src}-{tgt}.{lang}
@@ -41,23 +41,35 @@ MAX_LEN = ["--max-len-a", "1.2", "--max-len-b", "10"]
 # Extra fairseq-train arguments of each student, formatted with {user_dir}, {teacher}, {distill}, {cache}.
 # "{teacher}" makes a student depend on the teacher checkpoint (online teacher), "{distill}" on
 # kd-distill-corpus's output, "{cache}" on kd-dump-teacher's top-CACHE_TOPK cache (dump_cache).
+# Every flag of each student's criterion is spelled out, so that no student depends on a criterion default.
 KD_TASK = ["--user-dir", "{user_dir}", "--task", "translation_kd"]
 CACHE_TOPK = 8
-CACHED = ["--teacher-cache", "{cache}", "--kd-topk", str(CACHE_TOPK)]
-TOKEN_KD = ["--criterion", "token_kd", "--kd-alpha", "0.5", "--kd-temperature", "1", "--label-smoothing", "0.1"]
-HYBRID_KD = ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd", "--label-smoothing", "0.1"]
+LS = ["--label-smoothing", "0.1"]
+CACHED = ["--teacher-cache", "{cache}"]
+ONLINE = ["--teacher-path", "{teacher}"]
+
+
+def token_flags(topk):
+    """token_kd's flags (also hybrid_kd's token-level half): forward KL at T = 1, alpha 1/2, every token."""
+    return ["--kd-alpha", "0.5", "--kd-temperature", "1", "--kd-divergence", "forward_kl", "--kd-js-beta", "0.5",
+            "--kd-skew-lambda", "0.1", "--kd-topk", str(topk), "--kd-select", "all", "--kd-select-rate", "0.5",
+            "--kd-select-queue", "30000"]
+
+
+# hybrid_kd's weight g(x) fixed at 1/2 (the learned gate's settings given too, unused by a fixed gate)
+HYBRID_GATE = ["--kd-gate", "fixed:0.5", "--kd-gate-tau", "1", "--kd-gate-weight", "1", "--kd-gate-momentum", "0.99",
+               "--kd-gate-hidden", "64"]
+TOKEN_KD = ["--criterion", "token_kd"]
+HYBRID_KD = ["--teacher-targets", "{distill}", "--criterion", "hybrid_kd"]
 STUDENTS = {
-    "plain": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
-    "token": KD_TASK + CACHED + TOKEN_KD,
-    "sentence": KD_TASK + ["--teacher-targets", "{distill}", "--criterion", "sentence_kd",
-                           "--label-smoothing", "0.1"],
-    "hybrid": KD_TASK + CACHED + HYBRID_KD,  # the gate/mixing rule: hybrid_kd's default
-    # opt-in (--students ...): the full-vocabulary signals from the teacher run online (slower), and
-    # hybrid_kd with its weight fixed at 1/2 (the control of a learned gate, docs/GATE.md, docs/MIX.md)
-    "token-online": KD_TASK + ["--teacher-path", "{teacher}"] + TOKEN_KD,
-    "hybrid-online": KD_TASK + ["--teacher-path", "{teacher}"] + HYBRID_KD,
+    "plain": ["--criterion", "label_smoothed_cross_entropy"] + LS,
+    "token": KD_TASK + CACHED + TOKEN_KD + token_flags(CACHE_TOPK) + LS,
+    "sentence": KD_TASK + ["--teacher-targets", "{distill}", "--criterion", "sentence_kd", "--kd-gold-mix", "0"] + LS,
+    "hybrid": KD_TASK + CACHED + HYBRID_KD + token_flags(CACHE_TOPK) + HYBRID_GATE + LS,
+    # opt-in (--students ...): the full-vocabulary signals from the teacher run online (slower)
+    "token-online": KD_TASK + ONLINE + TOKEN_KD + token_flags(0) + LS,
+    "hybrid-online": KD_TASK + ONLINE + HYBRID_KD + token_flags(0) + HYBRID_GATE + LS,
 }
-STUDENTS["hybrid-even"] = STUDENTS["hybrid"] + ["--kd-gate", "fixed:0.5"]
 DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
@@ -190,23 +202,33 @@ def distill(p, split):
           [exe, "merge", "--out", p.path("distill"), "--split", split, "--overwrite"])
 
 
-def dump_cache(p, on_targets, k=CACHE_TOPK):
-    """Top-``k`` teacher cache of train and valid in WORK/cache{k} (steps cache{k}-{train,valid}), or with
-    ``on_targets`` on the teacher-decoded targets in WORK/cache{k}-t: kd-dump-teacher sharded like the
-    distillation (--distill-shards single-threaded processes), then merged. Returns the cache directory."""
-    name = "cache%d-t" % k if on_targets else "cache%d" % k
+def dump_cache(p, k=CACHE_TOPK):
+    """Top-``k`` teacher cache of train and valid in WORK/cache{k} (steps cache{k}-{train,valid}):
+    kd-dump-teacher sharded like the distillation (--distill-shards single-threaded processes), then merged.
+    Returns the cache directory."""
+    name = "cache%d" % k
     out, exe, shards = p.path(name), tool("kd-dump-teacher"), p.args.distill_shards
     for split in ("train", "valid"):
         cmd = [exe, "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"), "--split", split,
                "--topk", k, "--out", out, "--max-tokens", "4000", "--overwrite"]
-        cmd += ["--targets", p.path("distill")] if on_targets else []
         if shards == 1:  # one process (torch's threads), no shard files to merge
             p.run("%s-%s" % (name, split), cmd)
             continue
-        merge = [exe, "merge", "--out", out, "--split", split, "--overwrite"] + (["--on-targets"] if on_targets else [])
+        merge = [exe, "merge", "--out", out, "--split", split, "--overwrite"]
         p.run("%s-%s" % (name, split), [cmd + ["--cpu-threads", "1", "--num-shards", shards, "--shard-id", i]
                                          for i in range(shards)], merge)
     return out
+
+
+def recorded_train_cmd(p, name):
+    """The fairseq-train command that step train-NAME ran (its done-marker's: made by this run or reused from
+    an earlier one), paths relative to the repository as records store them; None for a marker without one."""
+    done = p.cached("train-" + name) or {}
+    stages = done.get("cmd")
+    if not stages:
+        return None
+    (cmd,), = stages  # one stage of one command (Pipeline.run)
+    return [repo_relative(str(x)) for x in cmd]
 
 
 def count_params(ckpt):
@@ -214,7 +236,7 @@ def count_params(ckpt):
     encoder layers' BetterTransformer weight copies not counted)."""
     import torch
 
-    from kd_plugin.compat import count_parameters
+    from kd_plugin.model_size import count_parameters
 
     return count_parameters(torch.load(ckpt, map_location="cpu", weights_only=False)["model"].items())
 
@@ -366,7 +388,7 @@ def main(argv=None):
             for split in ("train", "valid"):
                 distill(p, split)
         if needs(a.students, "{cache}"):
-            dump_cache(p, False)
+            dump_cache(p)
         results.update(train_students(p))
         columns = inference_columns(p, list(results), checkpoint, lambda name: generate_cmd(p, name))
     except (StepFailed, build_corpus.CorpusError) as e:

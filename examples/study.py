@@ -16,14 +16,15 @@ the demo's (examples/demo.py's cached steps build or reuse corpus, BPE, data-bin
 cache under --work). Every student trains --updates updates (default --budget-epochs epochs of the FULL corpus,
 so a one-third level trains ~3x as many epochs) from scratch with the demo's optimizer, --jobs at a time with
 --threads threads each; its validation curve after each epoch is kept. One record per trained and decoded run
-(cell, coordinates, method, flags, seed, updates, BLEU, chrF and signatures, params, train seconds, validation
-curve, hypotheses and references, the level measures) is merged into --results; a stopped run resumes.
+(cell, coordinates, method, flags, the full fairseq-train command its step ran (train_cmd, repository-relative
+paths), seed, updates, BLEU, chrF and signatures, params, train seconds, validation curve, hypotheses and
+references, the level measures) is merged into --results; a stopped run resumes. Every method spells out every
+flag of its criterion (compare_mix's CONFIGS, HYBRID here): no run depends on a criterion default.
 """
 import argparse
 import concurrent.futures
 import contextlib
 import copy
-import inspect
 import io
 import json
 import os
@@ -38,7 +39,12 @@ import study_report  # noqa: E402
 from demo_pipeline import REPO, StepFailed, read_lines, write_lines  # noqa: E402
 
 K = compare_mix.K
-HYBRID = "--criterion hybrid_kd --kd-topk %d --teacher-cache {cache} --teacher-targets {distill}" % K
+# hybrid_kd with every flag spelled out (the study's records ran the criterion's then-default fixed:0.5 mix, with
+# token_kd's settings of the token method): token-level half = compare_mix's token-cache8, g(x) fixed at 1/2
+HYBRID = ("--criterion hybrid_kd --kd-alpha 0.5 --kd-temperature 1 --kd-divergence forward_kl --kd-js-beta 0.5 "
+          "--kd-skew-lambda 0.1 --kd-topk %d --kd-select all --kd-select-rate 0.5 --kd-select-queue 30000 "
+          "--kd-gate fixed:0.5 --kd-gate-tau 1 --kd-gate-weight 1 --kd-gate-momentum 0.99 --kd-gate-hidden 64 "
+          "--teacher-cache {cache} --teacher-targets {distill}" % K)
 METHODS = ("plain", "token", "sentence", "hybrid")
 # fairseq-generate flags of each decoding level, appended to the demo's test decoding (beam 5, length cap)
 DECODINGS = {"beam5": ["--beam", "5"], "greedy": ["--beam", "1"],
@@ -52,6 +58,22 @@ def method_flags(hybrid):
     c = compare_mix.CONFIGS
     return {"plain": c["plain"], "token": c["token-cache8"], "sentence": c["sentence"],
             "hybrid": compare_mix.KD + shlex.split(hybrid) + compare_mix.LS}
+
+
+def missing_criterion_flags(flags):
+    """The flags of the criterion named in ``flags`` (its registered dataclass's fields, less fairseq's own
+    label_smoothed_cross_entropy fields other than --label-smoothing) that ``flags`` does not give."""
+    import dataclasses
+
+    import kd_plugin  # noqa: F401  (registers the criteria)
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY as registry
+
+    criterion = flags[flags.index("--criterion") + 1] if "--criterion" in flags[:-1] else None
+    if criterion not in registry:
+        return ["--criterion (one of %s)" % ", ".join(sorted(registry))]
+    fairseq_own = {f.name for f in dataclasses.fields(registry["label_smoothed_cross_entropy"])} - {"label_smoothing"}
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(registry[criterion])
+            if f.name not in fairseq_own and "--" + f.name.replace("_", "-") not in flags]
 
 
 def size_name(arch):
@@ -72,10 +94,8 @@ def grid(args):
 
 
 def dump_cache(p):
-    """The top-K cache on the gold targets (kd-dump-teacher), via the demo's step or compare_mix's."""
-    fn = getattr(demo, "dump_cache", None) or compare_mix.dump_cache
-    out = fn(p, on_targets=False) if "on_targets" in inspect.signature(fn).parameters else fn(p, False)
-    return out or p.path("cache%d" % K)
+    """The top-K teacher cache of the gold prefixes (kd-dump-teacher): the demo's (and compare_mix's) steps."""
+    return compare_mix.dump_cache(p)
 
 
 def level_view(p, level):
@@ -141,7 +161,8 @@ def student(p, args, paths, level, size, method, seed, cells):
     flags = [str(f).format(**paths) for f in args.method_flags[method]]
     demo.train(view, name, "student", flags)
     curve = compare_mix.valid_curve(view, name)
-    common = {"method": method, "flags": [study_report.repo_relative(f) for f in flags], "seed": seed,
+    common = {"method": method, "flags": [study_report.repo_relative(f) for f in flags],
+              "train_cmd": demo.recorded_train_cmd(view, name), "seed": seed,
               "updates": demo.trained_updates(view, name), "params": demo.count_params(demo.checkpoint(view, name)),
               "epochs": round(curve[-1]["updates"] / curve[0]["updates"], 2) if curve else None,
               "train_seconds": round(view.cached("train-" + name)["seconds"], 1), "valid": curve,
@@ -260,7 +281,8 @@ def parse_args(argv=None):
                         "1 seed, --updates 30, results in WORK/study_results.json")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from %s" % list(METHODS))
     parser.add_argument("--hybrid", default=HYBRID, help="hybrid_kd's fairseq-train flags (besides the task and "
-                        "--label-smoothing 0.1); placeholders {cache}, {distill}, {teacher}")
+                        "--label-smoothing 0.1), every flag of the criterion spelled out (checked); placeholders "
+                        "{cache}, {distill}, {teacher}")
     parser.add_argument("--seeds", default="1" if quick else "1,2", help="comma-separated student seeds")
     parser.add_argument("--budget-epochs", type=int, default=3, help="student budget in epochs of the FULL corpus")
     parser.add_argument("--updates", type=int, default=30 if quick else 0, help="student budget in updates "
@@ -307,6 +329,10 @@ def parse_args(argv=None):
         if value < low:
             parser.error("%s must be >= %d (got %d)" % (flag, low, value))
     args.method_flags = method_flags(args.hybrid)
+    if args.hybrid != HYBRID:  # a run must not depend on a criterion default
+        missing = missing_criterion_flags([str(f) for f in args.method_flags["hybrid"]])
+        if missing:
+            parser.error("--hybrid: give every flag of the criterion (missing %s)" % " ".join(missing))
     args.axis_levels = {"complexity": study_levels.LEVELS, "size": args.size_names, "decoding": args.decodings}
     names = [cell for cell, _ in grid(args)]
     args.cells = [c for c in args.cells.split(",") if c] if args.cells else names
@@ -352,7 +378,7 @@ def main(argv=None):
     print(study_report.report(records, args, grid(args)))
     print("\nvalidation curves (mean over seeds)\n\n" + study_report.curves(records, args, grid(args)))
     if "token" in args.methods and "sentence" in args.methods:
-        print("\npaired bootstrap (seeds pooled)\n\n" + study_report.significance(records, args, grid(args)))
+        print("\n" + study_report.SIGNIFICANCE_CAPTION + "\n\n" + study_report.significance(records, args, grid(args)))
     if args.plot:
         study_report.plot(records, args, grid(args), args.plot)
         study_report.plot_curves(records, args, grid(args), args.plot)

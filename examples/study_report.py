@@ -4,6 +4,8 @@ grid's cost estimated from docs/mix_results.json.
 
 Per cell and method: mean and sample standard deviation over seeds of BLEU and chrF; "vs plain" is the mean of
 the method's BLEU minus the mean of plain's BLEU in the same cell (seeds paired by construction: same seeds).
+The significance table is a paired bootstrap instead (SIGNIFICANCE_CAPTION): the mean over resamples of the
+pooled-corpus BLEU difference, which need not equal the difference of the means in the axis tables.
 """
 import json
 import os
@@ -159,9 +161,19 @@ def plot(records, args, cells, out_dir):
     return paths
 
 
+SIGNIFICANCE_CAPTION = (
+    "paired bootstrap (seeds pooled; compare_mix.paired_bootstrap): BLEU(a) - BLEU(b) over 1,000 resamples of the "
+    "cell's test sentences, each resample drawing the same sentence ids in every seed both methods have and "
+    "scoring their hypotheses pooled into one corpus; shown: the mean over the resamples, their 2.5%-97.5% "
+    "quantiles and p = the share of resamples <= 0. That mean is not the difference of the BLEU means in the "
+    "axis tables above (pooled-corpus BLEU is not the mean of per-seed BLEU). The better single level: token or "
+    "sentence, whichever has the higher mean BLEU in the cell.")
+
+
 def significance(records, args, cells, resamples=1000):
     """Markdown: per cell, the paired bootstrap (compare_mix.paired_bootstrap, seeds pooled, the seeds both
-    methods have) of token - sentence (the paper's comparison) and hybrid - the better single level."""
+    methods have) of token - sentence (the paper's comparison) and hybrid - the better single level: the mean
+    over the resamples of the pooled-corpus BLEU difference (SIGNIFICANCE_CAPTION), not a difference of means."""
     from compare_mix import paired_bootstrap
     from demo_pipeline import read_lines
 
@@ -176,7 +188,8 @@ def significance(records, args, cells, resamples=1000):
         d, lo, hi, p = paired_bootstrap(*hyps, read_lines(os.path.join(REPO, ra[0]["refs"])), resamples)
         return "%+.2f [%+.2f, %+.2f], p = %.3f (%d seeds)" % (d, lo, hi, p, len(seeds))
 
-    lines = ["| cell | token - sentence [95% CI], p | hybrid - better single level [95% CI], p |", "|---|---|---|"]
+    lines = ["| cell | token - sentence: paired-bootstrap diff (mean [95% CI], p) | hybrid - better single level: "
+             "paired-bootstrap diff (mean [95% CI], p) |", "|---|---|---|"]
     for cell, _ in cells:
         mean = {m: statistics.mean(r["bleu"] for r in runs[(cell, m)]) for m in ("token", "sentence")
                 if runs.get((cell, m))}

@@ -1,21 +1,23 @@
 """examples/compare_mix.py: multi-seed runs on a generated corpus (tiny models, a few updates), one record per run
-with scores equal to sacreBLEU on its hypotheses, a resumed second run that trains nothing, and the paired
-bootstrap against a direct computation."""
+with scores equal to sacreBLEU on its hypotheses and the fairseq-train command its step ran, a resumed second run
+that trains nothing, and the paired bootstrap against a direct computation; every configuration (and
+benchmarks/bench_kd.py's) spells out its criterion's flags; records of retired configurations stay reportable."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from helpers import REPO
-from test_demo import TINY, write_tsv
+from test_demo import TINY, check_configs, criterion_flags, flag_values, write_tsv
 
 sys.path.insert(0, os.path.join(REPO, "examples"))
 import compare_mix  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "examples", "compare_mix.py")
-CONFIGS, SEEDS = ["token-cache8", "mix-word"], [1, 2]
+CONFIGS, SEEDS = ["token-cache8", "hybrid-gate-cache8"], [1, 2]
 
 
 def compare(work, tsv, results, *extra):
@@ -51,7 +53,15 @@ def test_one_record_per_run_with_scores_of_its_hypotheses(runs):
         assert r["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
         assert r["updates"] == 8 and r["epochs"] == 1 and r["train_seconds"] > 0
         assert r["valid"] and r["valid"][-1]["updates"] == 8 and r["valid"][-1]["ppl"] > 1
-        assert ("--kd-mix" in r["flags"]) == (r["config"] == "mix-word")
+        # the record's command is the one its step ran (the log's first line), its flags in one piece in it
+        with open(os.path.join(work, "logs", "train-%s.log" % compare_mix.run_name(r["config"], r["seed"], 1))) as f:
+            ran = [compare_mix.repo_relative(x) for x in shlex.split(f.readline()[2:])]
+        assert r["train_cmd"] == ran and ran[0].endswith("fairseq-train")
+        n = len(r["flags"])
+        assert any(ran[i:i + n] == r["flags"] for i in range(len(ran))), (r["flags"], ran)
+        assert flag_values(ran)["--seed"] == str(r["seed"]) and flag_values(ran)["--max-epoch"] == "1"
+        assert flag_values(r["flags"])["--kd-gate" if "hybrid" in r["config"] else "--kd-topk"] == \
+            {"token-cache8": "8", "hybrid-gate-cache8": "sentence"}[r["config"]]
     # different seeds are different runs
     a, b = (next(r for r in records if r["config"] == "token-cache8" and r["seed"] == s) for s in SEEDS)
     hyps_a, hyps_b = (compare_mix.read_lines(os.path.join(REPO, r["hyps"])) for r in (a, b))
@@ -64,7 +74,57 @@ def test_second_run_trains_nothing_and_prints_the_same_table(runs):
     table = [line for line in first.splitlines() if line.startswith("|")]
     assert len(table) == 2 * (2 + len(CONFIGS))  # the scores, then the speed table
     assert table == [line for line in second.splitlines() if line.startswith("|")]
-    assert "p = " in table[1 + len(CONFIGS)]  # mix-word tested against token-cache8
+    assert "p = " in table[1 + len(CONFIGS)]  # hybrid-gate-cache8 tested against token-cache8
+    assert "paired-bootstrap diff (mean [95% CI], p)" in table[0]
+    assert "not the difference of the BLEU means in the table" in first
+
+
+def test_every_configuration_spells_out_its_criterion():
+    """Each configuration gives every flag of its criterion's dataclass, none retired, and no two are the same;
+    hybrid-gate (the learned gate its records ran as hybrid_kd's then default) and its cached twin say so."""
+    check_configs(compare_mix.CONFIGS)
+    assert not set(compare_mix.RETIRED) & set(compare_mix.CONFIGS)
+    gates = {c: flag_values(f).get("--kd-gate") for c, f in compare_mix.CONFIGS.items()}
+    assert gates["hybrid-gate"] == gates["hybrid-gate-cache8"] == "sentence"
+    assert gates["hybrid-even"] == gates["hybrid-even-cache8"] == gates["hybrid-even-cache8-ds"] == "fixed:0.5"
+    assert "{cache_t}" not in " ".join(str(f) for flags in compare_mix.CONFIGS.values() for f in flags)
+
+
+def test_benchmark_configurations_spell_out_their_criterion():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_kd
+
+    check_configs({name: args for name, (_, args) in bench_kd.CONFIGS.items()})
+    expected = {f[2:].replace("-", "_") for f in criterion_flags("token_kd")}
+    for name, (_, kw) in bench_kd.PROBES.items():  # the loss probes call TokenKDCriterion with every keyword
+        assert kw is None or set(kw) == expected, (name, sorted(expected ^ set(kw)))
+    p = subprocess.run([sys.executable, bench_kd.__file__, "--probe", "token-topk", "--probe-tokens", "256",
+                        "--vocab", "100", "--topk", "8"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0 and float(p.stdout.split()[-1]) > 0, p.stderr[-2000:]  # the criterion takes them
+
+
+def test_report_shows_retired_configurations_from_their_records(tmp_path):
+    """A record whose configuration left CONFIGS is still reported (marked retired, its stored flags listed);
+    training it is refused; missing hypotheses give n/a, not a crash."""
+    def record(config, flags, seed):
+        return {"config": config, "flags": flags, "seed": seed, "epochs": 3, "updates": 10, "bleu": 10.0 + seed,
+                "chrf": 30.0, "train_seconds": 5.0, "valid": [{"updates": 10, "loss": 2, "nll_loss": 1, "ppl": 2.0}],
+                "hyps": "work/absent/%s-%d.hyp" % (config, seed)}
+
+    old = ["--criterion", "hybrid_kd", "--kd-mix", "word", "--kd-topk", "8"]
+    records = [record("mix-word", old, s) for s in (1, 2)] + [record("token-cache8", ["--criterion", "token_kd"], s)
+                                                             for s in (1, 2)]
+    results = str(tmp_path / "mix.json")
+    with open(results, "w") as f:
+        json.dump(records, f)
+    args, _ = compare_mix.parse_args(["--configs", "token-cache8,mix-word", "--seeds", "1,2", "--epochs", "3",
+                                      "--results", results, "--report", "--work", str(tmp_path / "w")])
+    text = compare_mix.report(records, args.configs, args.seeds, 3, args.baseline, None)
+    rows = [line for line in text.splitlines() if line.startswith("| mix-word")]
+    assert rows == ["| mix-word (retired) | 2 | 11.50 ± 0.71 | 30.00 ± 0.00 | 2.00 ± 0.00 | 5 | n/a |"]
+    assert "- mix-word (--kd-mix word): `%s`" % " ".join(old) in text
+    with pytest.raises(SystemExit):
+        compare_mix.parse_args(["--configs", "mix-word", "--results", results, "--work", str(tmp_path / "w")])
 
 
 def test_paired_bootstrap_matches_the_corpus_difference():

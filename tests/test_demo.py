@@ -2,8 +2,10 @@
 in full mode, a few updates): the table and its scores, the language pair in every path and in the report, the
 cleaning counts, the repository's docs/DEMO.md left alone, the students trained two at a time (the cached ones
 reading the top-8 teacher cache), the size and speed columns against the files and the speed phase's logs, the
-CTranslate2 path's scores, a second run that reuses every step; and one-line errors for malformed TSVs and bad
-flags. The speed phase's pure pieces: tests/test_demo_speed.py."""
+CTranslate2 path's scores, a second run that reuses every step; every student's criterion flags spelled out
+(checked against the criteria's dataclasses; the helpers serve test_compare_mix and test_study too) and run as
+given; and one-line errors for malformed TSVs and bad flags. The speed phase's pure pieces:
+tests/test_demo_speed.py."""
 import json
 import os
 import random
@@ -64,6 +66,67 @@ def demo(work, tsv, *extra, **kw):
 def read(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def criterion_flags(criterion):
+    """The flags that define a configuration of ``criterion``, from its registered dataclass: every field,
+    less label_smoothed_cross_entropy's other than label_smoothing (sentence_avg, report_accuracy,
+    ignore_prefix_size: fairseq's, never set by the drivers)."""
+    import dataclasses
+
+    import kd_plugin  # noqa: F401  (registers token_kd, sentence_kd, hybrid_kd)
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY as registry
+
+    fairseq_own = {f.name for f in dataclasses.fields(registry["label_smoothed_cross_entropy"])} - {"label_smoothing"}
+    return {"--" + f.name.replace("_", "-") for f in dataclasses.fields(registry[criterion])
+            if f.name not in fairseq_own}
+
+
+def flag_values(args):
+    """{flag: value} of a fairseq-train argument list (value None for a flag followed by another flag); a flag
+    given twice fails (the later one would silently win)."""
+    args = [str(x) for x in args]
+    out = {}
+    for i, x in enumerate(args):
+        if x.startswith("--"):
+            assert x not in out, "%s given twice in %s" % (x, args)
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            out[x] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
+def check_configs(configs):
+    """Every configuration of a driver ({name: fairseq-train flags}) gives every flag of its criterion's dataclass
+    with a value, no --kd-* flag its criterion lacks (a retired one), and no two configurations are the same
+    flags (in any order)."""
+    seen = {}
+    for name, args in configs.items():
+        flags = flag_values(args)
+        expected = criterion_flags(flags["--criterion"])
+        assert expected <= flags.keys(), "%s: no %s" % (name, sorted(expected - flags.keys()))
+        assert all(flags[f] is not None for f in expected), (name, flags)
+        unknown = {f for f in flags if f.startswith("--kd-")} - expected
+        assert not unknown, "%s: %s not flags of %s" % (name, sorted(unknown), flags["--criterion"])
+        key = tuple(sorted(flags.items()))
+        assert key not in seen, "%s and %s are the same configuration" % (seen.get(key), name)
+        seen[key] = name
+    return seen
+
+
+def test_every_student_spells_out_its_criterion():
+    """The demo's students: every criterion flag explicit, none retired, no two the same; the default four are
+    plain label smoothing, token_kd and hybrid_kd (g fixed at 1/2) from the top-8 cache, sentence_kd."""
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    import demo as demo_module
+
+    assert len(check_configs(demo_module.STUDENTS)) == len(demo_module.STUDENTS)
+    assert list(demo_module.DEFAULT_STUDENTS) == list(STUDENTS) and "hybrid-even" not in demo_module.STUDENTS
+    flags = {s: flag_values(demo_module.STUDENTS[s]) for s in demo_module.STUDENTS}
+    assert flags["hybrid"]["--kd-gate"] == flags["hybrid-online"]["--kd-gate"] == "fixed:0.5"
+    assert flags["token"]["--kd-topk"] == flags["hybrid"]["--kd-topk"] == "8"
+    assert flags["token-online"]["--kd-topk"] == flags["hybrid-online"]["--kd-topk"] == "0"
+    assert flags["sentence"]["--kd-gold-mix"] == "0"
+    assert all(f["--label-smoothing"] == "0.1" for f in flags.values())
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +317,16 @@ def test_cached_students_read_the_top8_cache(runs):
         cmd = command("train-" + name)
         assert cmd[cmd.index("--teacher-cache") + 1] == os.path.join(work, "cache8")
         assert cmd[cmd.index("--kd-topk") + 1] == "8" and "--teacher-path" not in cmd
-    assert "--kd-gate" not in command("train-hybrid")  # hybrid_kd's default rule
+    hybrid = command("train-hybrid")
+    assert hybrid[hybrid.index("--kd-gate") + 1] == "fixed:0.5"  # spelled out, not hybrid_kd's default
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    import demo as demo_module
+
+    paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": os.path.join(work, "ckpt", "teacher",
+             "checkpoint_last.pt"), "distill": os.path.join(work, "distill"), "cache": os.path.join(work, "cache8")}
+    for name in STUDENTS:  # each student ran exactly its STUDENTS flags, in one piece
+        flags, cmd = [f.format(**paths) for f in demo_module.STUDENTS[name]], command("train-" + name)
+        assert any(cmd[i:i + len(flags)] == flags for i in range(len(cmd))), (name, cmd)
     for split in ("train", "valid"):
         dump = command("cache8-%s.0" % split)
         assert dump[dump.index("--topk") + 1] == "8" and dump[dump.index("--split") + 1] == split

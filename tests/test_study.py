@@ -5,6 +5,7 @@ equal to the full run's entries, a second run that trains nothing; one-line erro
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from test_demo import TINY, write_tsv
+from test_demo import TINY, check_configs, flag_values, write_tsv
 
 sys.path.insert(0, os.path.join(REPO, "examples"))
 import study  # noqa: E402
@@ -55,7 +56,7 @@ def read(path):
 def test_one_record_per_cell_method_seed_scored_on_its_hypotheses(grid):
     from sacrebleu.metrics import BLEU, CHRF
 
-    _, _, records, _, _ = grid
+    _, _, records, work, _ = grid
     assert sorted((r["cell"], r["method"], r["seed"]) for r in records) == \
         sorted((c, m, 1) for c in CELLS for m in METHODS)
     for r in records:
@@ -65,6 +66,13 @@ def test_one_record_per_cell_method_seed_scored_on_its_hypotheses(grid):
         assert r["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score)
         assert r["updates"] == UPDATES and r["valid"][-1]["updates"] == UPDATES and r["train_seconds"] > 0
         assert ("hybrid_kd" in r["flags"]) == (r["method"] == "hybrid")
+        # the record's command is the one its training step ran (the log's first line), its flags in one piece
+        name = study.run_name(r["method"], r["size"], r["seed"], UPDATES)
+        with open(os.path.join(work, "study", r["complexity"], "logs", "train-%s.log" % name)) as f:
+            ran = [study.study_report.repo_relative(x) for x in shlex.split(f.readline()[2:])]
+        assert r["train_cmd"] == ran and ran[0].endswith("fairseq-train")
+        assert any(ran[i:i + len(r["flags"])] == r["flags"] for i in range(len(ran))), (r["flags"], ran)
+        assert flag_values(ran)["--max-update"] == str(UPDATES) and flag_values(ran)["--seed"] == str(r["seed"])
     # the decoding cells decode the centre students again: same training, other hypotheses files
     centre = {r["method"]: r for r in records if r["cell"] == "centre"}
     for r in records:
@@ -166,6 +174,18 @@ def test_study_advise_fits_the_rule_on_the_grids_cells(grid):
     assert "Leave-one-cell-out" in p.stdout
 
 
+def test_every_method_spells_out_its_criterion():
+    """plain, token, sentence and the default hybrid give every flag of their criterion's dataclass (none retired,
+    no two the same); hybrid is g fixed at 1/2 over token's settings, the mix the study's records ran."""
+    methods = study.method_flags(study.HYBRID)
+    assert sorted(methods) == sorted(study.METHODS)
+    check_configs(methods)
+    hybrid, token = flag_values(methods["hybrid"]), flag_values(methods["token"])
+    assert hybrid["--kd-gate"] == "fixed:0.5" and hybrid["--criterion"] == "hybrid_kd"
+    assert {f: v for f, v in token.items() if f.startswith("--kd-")} == \
+        {f: v for f, v in hybrid.items() if f.startswith("--kd-") and not f.startswith("--kd-gate")}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "token,sentence"], "--methods: plain is needed"),
     (["--methods", "plain,word"], "--methods: 'plain,word'"),
@@ -175,6 +195,8 @@ def test_study_advise_fits_the_rule_on_the_grids_cells(grid):
     (["--updates", "-1"], "--updates must be >= 0"),
     (["--seeds", "a"], "--seeds / --sizes: integers expected"),
     (["--student-dim", "x"], "argument --student-dim: invalid int value"),
+    (["--hybrid", "--criterion hybrid_kd --kd-gate fixed:0.75 --teacher-cache {cache} --teacher-targets {distill}"],
+     "--hybrid: give every flag of the criterion (missing --kd-alpha --kd-temperature"),
 ])
 def test_bad_flags_one_line_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -202,7 +224,10 @@ def test_significance_table_compares_the_right_hypotheses(tmp_path):
     records = [{"cell": "centre", "method": m, "seed": s, "updates": 1, "bleu": 100.0 if h == "good" else 1.0,
                 "hyps": str(tmp_path / h), "refs": str(tmp_path / "refs")} for m, h in runs.items() for s in (1, 2)]
     args = SimpleNamespace(methods=list(runs), seeds=[1, 2], updates=1)
-    row = study_report.significance(records, args, [("centre", {})], resamples=200).splitlines()[-1]
+    table = study_report.significance(records, args, [("centre", {})], resamples=200).splitlines()
+    assert table[0].count("paired-bootstrap diff (mean [95% CI], p)") == 2
+    assert "not the difference of the BLEU means" in study_report.SIGNIFICANCE_CAPTION
+    row = table[-1]
     token, hybrid = row.split("|")[2:4]
     assert token.strip().startswith("+") and "p = 0.000 (2 seeds)" in token  # token's hypotheses are the refs
     assert hybrid.strip().startswith("-") and "p = 1.000" in hybrid and "(vs token)" in hybrid
