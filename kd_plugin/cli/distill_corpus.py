@@ -4,6 +4,8 @@ r"""kd-distill-corpus: a binarized split decoded by the teacher, for sentence-le
                       [--beam 5] [--lenpen 1.0] [--max-len-a 0] [--max-len-b 200]
                       [--max-tokens 4000 | --batch-size N] [--num-shards N --shard-id I] [--overwrite]
     kd-distill-corpus merge --out DIR --split train [--source-lang S --target-lang T] [--overwrite]
+    kd-distill-corpus from-text --data DATA_BIN --split train --text HYP.txt --out DIR [--spm spm.model]
+                      (translations made by any system: kd_plugin/cli/distill_text.py)
 
 For every sentence x_i of the split, y^_i = the 1-best of fairseq's beam search under the teacher
 (an ensemble averages the members' probabilities, fairseq's EnsembleModel); y^_i is exactly the ``H-i``
@@ -68,7 +70,8 @@ NOT_COMPARED = outputs.SHARD_KEYS + ("data", "teacher_paths")
 def get_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, description="Decode a fairseq binarized split with a teacher for sentence-level KD.",
-        epilog="merge shards: %s merge --out DIR --split SPLIT (see '%s merge --help')" % (PROG, PROG))
+        epilog="merge shards: %s merge --out DIR --split SPLIT (see '%s merge --help'); translations from any "
+               "system: %s from-text --text HYP.txt ... (see '%s from-text --help')" % (PROG, PROG, PROG, PROG))
     flags.add_data_args(parser)
     flags.add_teacher_args(parser)
     g = parser.add_argument_group("beam search (fairseq-generate's flags)")
@@ -238,6 +241,14 @@ def merge(args):
 
 
 def cli_main(argv=None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["from-text"]:
+        from kd_plugin.cli import distill_text
+
+        prog = PROG + " from-text"
+        return flags.run_cli(distill_text.run, distill_text.get_parser(prog).parse_args(argv[1:]), prog)
     flags.cli_dispatch(PROG, distill, get_parser, merge, get_merge_parser, argv)
 
 
