@@ -1,6 +1,8 @@
 """The demo's speed phase (examples/demo_speed.py), its pure pieces against fairseq's own code: the parser of
-fairseq-generate's speed line, the batches and output cap of the CTranslate2 path, the interleaved schedule;
-and the per-side architecture flags of examples/demo.py. End to end: tests/test_demo.py."""
+fairseq-generate's speed line, the batches and output cap of the CTranslate2 path, the interleaved schedule,
+the export command (kd-export's own check, not bypassed); and the per-side architecture flags of
+examples/demo.py. End to end: tests/test_demo.py."""
+import argparse
 import os
 import random
 import re
@@ -101,3 +103,29 @@ def test_params_are_the_models_trainable_parameters(data_bin, tmp_path):
 
     assert any(is_weight_copy(k) for k in model.state_dict())  # the copies are really saved
     assert demo.count_params(path) == trainable
+
+
+def test_export_keeps_kd_exports_check(tmp_path):
+    """The demo's export step is kd-export int8 with the demo's output cap and kd-export's default threshold
+    (no --min-agreement of its own: a failed check stops the demo)."""
+    from kd_plugin.cli import export
+
+    calls = []
+
+    class Pipeline:
+        args = argparse.Namespace(src_lang="de", tgt_lang="en")
+
+        def path(self, *parts):
+            return os.path.join(str(tmp_path), *parts)
+
+        def run(self, step, cmd):
+            calls.append((step, [str(c) for c in cmd]))
+
+    demo_speed.export(Pipeline(), "plain", "plain.pt")
+    [(step, cmd)] = calls
+    assert step == "export-plain" and os.path.basename(cmd[0]) == "kd-export"
+    args = export.get_parser().parse_args(cmd[1:])
+    assert not any(c.startswith("--min-agreement") for c in cmd)
+    assert args.min_agreement == export.DEFAULT_MIN_AGREEMENT and args.check > 0
+    assert (args.quantization, args.max_len_a, args.max_len_b, args.path) == ("int8", 1.2, 10, "plain.pt")
+    assert args.out == os.path.join(str(tmp_path), "export", "plain")
