@@ -28,8 +28,24 @@ def _fairseq_train(data_bin, save, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-@pytest.mark.parametrize("flags", [("--kd-mix", "word"), ("--kd-mix-ramp=100",), ("--kd-gold-weight", "0.5"),
-                                   ("--kd-gate-global-rate", "0.1"), ("--kd-gate", "global")])
+@pytest.mark.parametrize("argv,named", [(["--kd-mix", "word"], "--kd-mix"), (["--kd-mix-ramp=100"], "--kd-mix-ramp"),
+                                        (["--kd-gold-weight", "0.5"], "--kd-gold-weight"),
+                                        (["--kd-gate-global-rate", "0.1"], "--kd-gate-global-rate"),
+                                        (["--kd-gate-warmup", "5"], "--kd-gate-warmup"),
+                                        (["--kd-gate", "global"], "--kd-gate global"),
+                                        (["--kd-gate=sample:0.5"], "--kd-gate sample:0.5")])
+def test_every_retired_flag_is_named(argv, named):
+    """kd_plugin.retired.check_argv, what the plugin runs on fairseq-train's command line (in-process)."""
+    from kd_plugin.checks import KDConfigError
+    from kd_plugin.retired import check_argv
+
+    with pytest.raises(KDConfigError) as e:
+        check_argv(["DATA", "--arch", "transformer"] + argv)
+    assert str(e.value).startswith(named + " was removed") and LAST_COMMIT in str(e.value)
+    check_argv(["DATA", "--kd-gate", "fixed:0.5", "--kd-alpha", "0.5"])  # today's flags pass
+
+
+@pytest.mark.parametrize("flags", [("--kd-mix", "word"), ("--kd-gate", "global")])
 def test_retired_flag_on_fairseq_train_is_one_line_exit_2(data_bin, teacher, teacher_targets, tmp_path, flags):
     save = tmp_path / "ckpt"
     p = _fairseq_train(data_bin, save, "--criterion", "hybrid_kd", "--teacher-path", teacher,
@@ -58,8 +74,7 @@ def hybrid_checkpoint(tmp_path_factory, data_bin, teacher, teacher_targets):
     return os.path.join(save, "checkpoint_last.pt")
 
 
-@pytest.mark.parametrize("retired,named", [({"kd_gate": "global"}, "--kd-gate global"),
-                                           ({"kd_mix": "confidence"}, "--kd-mix confidence")])
+@pytest.mark.parametrize("retired,named", [({"kd_mix": "confidence"}, "--kd-mix confidence")])
 def test_resuming_a_checkpoint_of_a_retired_mode_fails_naming_it(hybrid_checkpoint, data_bin, teacher,
                                                                  teacher_targets, tmp_path, retired, named):
     """fairseq-train --restore-file on such a checkpoint (with today's flags): one line, exit 2, no new file."""
@@ -89,3 +104,18 @@ def test_gate_dump_refuses_a_checkpoint_of_a_retired_mode(hybrid_checkpoint, dat
                                      "plus the global controller; no better than the learned gate alone"
                                      % (old, LAST_COMMIT)]
     assert not (tmp_path / "gate.tsv").exists()
+
+
+@pytest.mark.parametrize("cfg,named", [({"kd_gate": "global", "kd_mix": "gate"}, "--kd-gate global"),
+                                       ({"kd_gate": "fixed:0.5", "kd_gold_weight": 0.5}, "--kd-gold-weight 0.5"),
+                                       ({"kd_gate": "sentence", "kd_gate_warmup": 100}, "--kd-gate-warmup 100")])
+def test_saved_configuration_of_a_retired_mode_is_named(cfg, named):
+    """kd_plugin.retired.check_criterion_cfg, what a resume and kd-gate-dump run on a checkpoint's criterion."""
+    from kd_plugin.checks import KDConfigError
+    from kd_plugin.retired import check_criterion_cfg
+
+    with pytest.raises(KDConfigError) as e:
+        check_criterion_cfg(cfg, "old.pt")
+    assert str(e.value).startswith("old.pt: %s was removed" % named) and LAST_COMMIT in str(e.value)
+    check_criterion_cfg({"kd_gate": "sentence", "kd_mix": "gate", "kd_gold_weight": 0.0, "kd_gate_warmup": 0},
+                        "new.pt")  # an old checkpoint of a kept mode (the retired fields at their defaults) passes
