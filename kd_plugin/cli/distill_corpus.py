@@ -1,7 +1,8 @@
 r"""kd-distill-corpus: a binarized split decoded by the teacher, for sentence-level KD (Kim & Rush, 2016).
 
     kd-distill-corpus --data DATA_BIN --path T.pt[:T2.pt] --split train --out DIR
-                      [--beam 5] [--lenpen 1.0] [--max-len-a 0] [--max-len-b 200]
+                      [--engine fairseq|ctranslate2] [--beam 5] [--lenpen 1.0] [--max-len-a 0] [--max-len-b 200]
+                      [--nbest N --select top|bleu|chrf [--remove-bpe sentencepiece]]
                       [--max-tokens 4000 | --batch-size N] [--num-shards N --shard-id I] [--overwrite]
     kd-distill-corpus merge --out DIR --split train [--source-lang S --target-lang T] [--overwrite]
     kd-distill-corpus from-text --data DATA_BIN --split train --text HYP.txt --out DIR [--spm spm.model]
@@ -9,7 +10,11 @@ r"""kd-distill-corpus: a binarized split decoded by the teacher, for sentence-le
 
 For every sentence x_i of the split, y^_i = the 1-best of fairseq's beam search under the teacher
 (an ensemble averages the members' probabilities, fairseq's EnsembleModel); y^_i is exactly the ``H-i``
-line of ``fairseq-generate DATA --path T.pt --gen-subset SPLIT`` with the same flags. Output prefix
+line of ``fairseq-generate DATA --path T.pt --gen-subset SPLIT`` with the same flags. With
+``--engine ctranslate2`` the same batches are decoded by CTranslate2 from a cached conversion of the
+teacher (kd_plugin/cli/ct2_engine.py: greedy output identical to fairseq's, beam output measured in
+docs/DISTILL.md; one checkpoint, no ensemble). With ``--nbest N --select bleu|chrf`` y^_i is instead the
+hypothesis of the teacher's n-best closest to the reference (Seq-Inter, kd_plugin/cli/nbest.py). Output prefix
 DIR/{split}.{src}-{tgt}.{tgt} (what ``--task translation_kd --teacher-targets DIR`` loads):
 
   .bin/.idx  y^_i as target-dictionary ids ending with eos (an empty hypothesis is just eos), entry i
@@ -56,7 +61,7 @@ from fairseq.data.indexed_dataset import (MMapIndexedDataset, MMapIndexedDataset
                                           data_file_path, index_file_path)
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
-from kd_plugin.cli import fairseq_io, flags, outputs
+from kd_plugin.cli import ct2_engine, fairseq_io, flags, nbest, outputs
 from kd_plugin.data.kd_dataset import teacher_targets_prefix
 
 logger = logging.getLogger("kd_plugin.cli.distill_corpus")
@@ -79,6 +84,19 @@ def get_parser():
     g.add_argument("--lenpen", type=float, default=1.0, help="length penalty (scores / length^lenpen)")
     g.add_argument("--max-len-a", type=float, default=0, help="max length = a * source length + b")
     g.add_argument("--max-len-b", type=int, default=200)
+    g.add_argument("--engine", choices=("fairseq", "ctranslate2"), default="fairseq",
+                   help="decoder: fairseq's SequenceGenerator, or CTranslate2 on a cached conversion of the "
+                        "teacher (one checkpoint; faster on CPU)")
+    g.add_argument("--ct2-quantization", choices=ct2_engine.QUANTIZATIONS, default="float32",
+                   help="weights of the CTranslate2 conversion (float32: output as fairseq's)")
+    g.add_argument("--inter-threads", type=flags.positive_int, default=1,
+                   help="CTranslate2: batches decoded in parallel (each with --cpu-threads threads)")
+    g = parser.add_argument_group("n-best selection (Seq-Inter)")
+    g.add_argument("--nbest", type=flags.positive_int, default=1, help="hypotheses kept per sentence (<= --beam)")
+    g.add_argument("--select", choices=nbest.SELECT, default="top",
+                   help="top: the teacher's best; bleu/chrf: the n-best hypothesis closest to the reference")
+    g.add_argument("--remove-bpe", default=None, metavar="SYMBOL",
+                   help="fairseq's post-processing before --select bleu|chrf (e.g. sentencepiece)")
     flags.add_batch_args(parser)
     flags.add_output_args(parser)
     return parser
@@ -130,18 +148,30 @@ def hypothesis_tokens(hypo, eos):
     return tokens if len(tokens) and tokens[-1] == eos else np.append(tokens, eos)
 
 
-def decode(task, models, gen_cfg, itr, hyps, progress, cuda):
-    """Beam-search every batch of ``itr``; the 1-best goes into ``hyps`` by sample id."""
+def fairseq_decoder(task, models, gen_cfg, cuda):
+    """fairseq's beam search: ``sample`` -> per sentence its n-best [(ids ending with EOS, score)]."""
     generator = task.build_generator(models, gen_cfg)
     eos = task.target_dictionary.eos()
-    for sample in itr:
+
+    def decode(sample):
         if cuda:
             sample = utils.move_to_cuda(sample)
+        out = task.inference_step(generator, models, sample)
+        return [[(hypothesis_tokens(h, eos), float(h["score"])) for h in hs[:gen_cfg.nbest]] for hs in out]
+    return decode
+
+
+def decode(decoder, itr, dataset, selector, hyps, progress):
+    """Decode every batch of ``itr``; the selected hypothesis goes into ``hyps`` by sample id."""
+    for sample in itr:
         if "net_input" not in sample:  # empty batch
             continue
-        out = task.inference_step(generator, models, sample)
         ids = sample["id"].tolist()
-        hyps.add(ids, [hypothesis_tokens(h[0], eos) for h in out])
+        chosen = []
+        for i, candidates in zip(ids, decoder(sample)):
+            reference = dataset[i]["target"] if selector.metric is not None else None
+            chosen.append(candidates[selector.choose(candidates, reference)][0])
+        hyps.add(ids, chosen)
         progress.update(len(ids))
     progress.finish()
 
@@ -158,41 +188,73 @@ def write_output(prefix, seqs, dictionary, dtype, meta):
     outputs.write_json(prefix + ".json", meta)
 
 
+def check_generation_args(args, dataset):
+    if args.nbest > args.beam:
+        raise KDConfigError("--nbest %d exceeds --beam %d" % (args.nbest, args.beam))
+    if args.select != "top" and args.nbest == 1:
+        raise KDConfigError("--select %s chooses among the n-best: pass --nbest > 1" % args.select)
+    if args.select != "top" and getattr(dataset, "tgt", None) is None:
+        raise KDConfigError("--select %s needs the references: the %s split has no target side"
+                            % (args.select, args.split))
+
+
+def build_decoder(args, task, dataset, models, paths, teachers, cfg, cuda):
+    if args.engine == "fairseq":
+        return fairseq_decoder(task, models, cfg.generation, cuda)
+    model_dir = ct2_engine.cached_model(paths[0], teachers[0]["sha256"], args.data, task.cfg.source_lang,
+                                        task.cfg.target_lang, args.ct2_quantization, args.out)
+    translator = ct2_engine.load_translator(model_dir, args.cpu_threads or 1, args.inter_threads)
+    gen = {"beam": args.beam, "nbest": args.nbest, "lenpen": args.lenpen, "max_len_a": args.max_len_a,
+           "max_len_b": args.max_len_b}
+    return ct2_engine.Decoder(translator, dataset, task.source_dictionary, task.target_dictionary, gen,
+                              models[0].max_decoder_positions())
+
+
 def distill(args):
     flags.check_batch_args(args)
-    cfg = fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang, "--beam", args.beam, "--nbest", 1,
-                                "--lenpen", args.lenpen, "--max-len-a", args.max_len_a, "--max-len-b", args.max_len_b)
+    cfg = fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang, "--beam", args.beam, "--nbest",
+                                    args.nbest, "--lenpen", args.lenpen, "--max-len-a", args.max_len_a,
+                                    "--max-len-b", args.max_len_b)
     task = fairseq_io.setup_task(cfg)
     src, tgt, tgt_dict = task.cfg.source_lang, task.cfg.target_lang, task.target_dictionary
     dataset = fairseq_io.load_split(task, args.split)
+    check_generation_args(args, dataset)
+    if args.engine == "ctranslate2":
+        ct2_engine.check_teacher(args.path.split(":"))
     lo, hi = fairseq_io.shard_range(len(dataset), args.num_shards, args.shard_id)
     prefix = teacher_targets_prefix(args.out, args.split, src, tgt)
     if args.num_shards > 1:
         prefix = outputs.shard_prefix(prefix, args.shard_id, args.num_shards)
     out = outputs.AtomicOutput(prefix, SUFFIXES, args.overwrite)  # refuses existing output before any work
 
-    cuda = flags.use_cuda(args)
+    cuda = flags.use_cuda(args) and args.engine == "fairseq"
     models, paths = fairseq_io.load_ensemble(args.path, task, cuda=cuda)
     for m in models:
         m.prepare_for_inference_(SimpleNamespace(generation=cfg.generation))
     teachers = fairseq_io.teacher_info(paths)
+    generation = {"beam": args.beam, "nbest": args.nbest, "lenpen": args.lenpen,
+                  "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "engine": args.engine}
+    if args.engine == "ctranslate2":
+        generation["ct2_quantization"] = args.ct2_quantization
+    if args.select != "top":
+        generation.update(select=args.select, remove_bpe=args.remove_bpe)
     meta = {
         "split": args.split, "source_lang": src, "target_lang": tgt, "data": os.path.abspath(args.data),
         "split_size": len(dataset), "count": hi - lo, "range": [lo, hi],
         "shard": {"id": args.shard_id, "num_shards": args.num_shards},
         "dictionary_md5": dictionary_checksum(tgt_dict),
         "teacher_sha256": [t["sha256"] for t in teachers], "teacher_paths": [t["path"] for t in teachers],
-        "generation": {"beam": args.beam, "nbest": 1, "lenpen": args.lenpen,
-                       "max_len_a": args.max_len_a, "max_len_b": args.max_len_b},
+        "generation": generation,
         "batching": {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "seed": args.seed},
     }
-    logger.info("decoding %s sentences [%d, %d) of %d with beam %d into %s", args.split, lo, hi, len(dataset),
-                args.beam, prefix)
+    decoder = build_decoder(args, task, dataset, models, paths, teachers, cfg, cuda)
+    logger.info("decoding %s sentences [%d, %d) of %d with beam %d (%s) into %s", args.split, lo, hi, len(dataset),
+                args.beam, args.engine, prefix)
     itr = fairseq_io.batch_iterator(task, dataset, models, (lo, hi), args.max_tokens, args.batch_size, args.seed)
     dtype = best_fitting_int_dtype(len(tgt_dict))
     hyps = Hypotheses(lo, hi, dtype)
-    decode(task, models, cfg.generation, itr, hyps,
-           fairseq_io.Progress(args.split, hi - lo, args.log_interval), cuda)
+    decode(decoder, itr, dataset, nbest.Selector(args.select, tgt_dict, args.remove_bpe), hyps,
+           fairseq_io.Progress(args.split, hi - lo, args.log_interval))
     with out:
         write_output(out.tmp_prefix, hyps, tgt_dict, dtype, meta)
     logger.info("wrote %s{%s}", prefix, ",".join(SUFFIXES))
