@@ -341,10 +341,7 @@ def main(argv=None):
     refs_path = p.path("corpus", "test.%s" % a.tgt_lang)
     if not args.report:
         try:
-            p.step("corpus", lambda: demo.make_corpus(p), demo.corpus_step_cmd(a))
-            p.step("bpe", lambda: demo.train_bpe(p))
-            p.run("preprocess", demo.preprocess_cmd(p))
-            demo.train(p, "teacher", "teacher", demo.TEACHER_CRITERION)
+            demo.build_teacher(p)
             flags = " ".join(str(f) for c in args.configs for f in CONFIGS[c])
             if "{distill}" in flags:
                 for split in ("train", "valid"):

@@ -56,6 +56,11 @@ def token_flags(topk):
             "--kd-select-queue", "30000"]
 
 
+# kd-distill-corpus's engines: CTranslate2 (float32 conversion of the teacher) decodes the demo's training
+# split several times faster than fairseq at the same students' BLEU (docs/DISTILL.md), so it is the default
+DISTILL_ENGINES = {"ctranslate2": ["--engine", "ctranslate2", "--ct2-quantization", "float32"],
+                   "fairseq": ["--engine", "fairseq"]}
+
 # hybrid_kd's weight g(x) fixed at 1/2 (the learned gate's settings given too, unused by a fixed gate)
 HYBRID_GATE = ["--kd-gate", "fixed:0.5", "--kd-gate-tau", "1", "--kd-gate-weight", "1", "--kd-gate-momentum", "0.99",
                "--kd-gate-hidden", "64"]
@@ -138,6 +143,19 @@ def train_cmd(p, name, role, criterion_args):
     return cmd
 
 
+def prepare_data(p):
+    """The cached data steps: corpus, sentencepiece BPE, fairseq-preprocess."""
+    p.step("corpus", lambda: make_corpus(p), corpus_step_cmd(p.args))
+    p.step("bpe", lambda: train_bpe(p))
+    p.run("preprocess", preprocess_cmd(p))
+
+
+def build_teacher(p):
+    """The data steps and the demo's teacher (cached steps; every driver shares them)."""
+    prepare_data(p)
+    train(p, "teacher", "teacher", TEACHER_CRITERION)
+
+
 def train_students(p):
     """Train and score every student, ``--jobs`` at a time with ``--threads`` (default: cores / jobs) threads
     each: small models use a second core better as a second process than as a second intra-op thread.
@@ -194,6 +212,7 @@ def distill(p, split):
     exe, shards = tool("kd-distill-corpus"), p.args.distill_shards
     cmd = [exe, "--data", p.path("data-bin"), "--path", checkpoint(p, "teacher"), "--split", split,
            "--out", p.path("distill"), "--max-tokens", "4000", "--beam", p.args.distill_beam] + MAX_LEN
+    cmd += DISTILL_ENGINES[p.args.distill_engine]
     if shards == 1:
         return p.run("distill-" + split, cmd + ["--overwrite"])
     p.run("distill-" + split,
@@ -323,6 +342,8 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--distill-shards", type=int, default=min(len(os.sched_getaffinity(0)), 8),
                         help="parallel single-threaded kd-distill-corpus processes")
+    parser.add_argument("--distill-engine", choices=list(DISTILL_ENGINES), default="ctranslate2",
+                        help="kd-distill-corpus --engine (ctranslate2: float32 conversion of the teacher)")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS of training/decoding (0: torch's default for the teacher and "
                              "decoding, cores / --jobs for each student; 1 on a busy machine)")
@@ -377,10 +398,7 @@ def main(argv=None):
     p.progress("demo", "work directory %s (%s mode, %s -> %s)" % (p.work, "QUICK" if a.quick else "full",
                                                                   a.src_lang, a.tgt_lang))
     try:
-        p.step("corpus", lambda: make_corpus(p), corpus_step_cmd(a))
-        p.step("bpe", lambda: train_bpe(p))
-        p.run("preprocess", preprocess_cmd(p))
-        train(p, "teacher", "teacher", TEACHER_CRITERION)
+        build_teacher(p)
         results = {"teacher": evaluate(p, "teacher")}
         p.progress("teacher", "BLEU %.1f chrF %.1f" % (results["teacher"]["bleu"], results["teacher"]["chrf"]))
         export(p, "teacher", checkpoint(p, "teacher"))

@@ -90,8 +90,10 @@ def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
                                              for s, args in criteria.items()),
     ]
     if distill:
-        lines.append("- Teacher distillation of train+valid (kd-distill-corpus, beam %d): %.0f s, "
-                     "not included in the sentence/hybrid train times" % (a.distill_beam, distill))
+        engine = "CTranslate2 float32" if a.distill_engine == "ctranslate2" else "fairseq"
+        lines.append("- Teacher distillation of train+valid (kd-distill-corpus, %s engine, beam %d): %.0f s, "
+                     "not included in the sentence/hybrid train times (engines compared: docs/DISTILL.md)"
+                     % (engine, a.distill_beam, distill))
     wall = time.time() - p.t0
     reused = "; steps reused from earlier runs (not in this time): %s" % ", ".join(p.reused) if p.reused else ""
     lines += [

@@ -23,7 +23,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
-from demo_data import corpus_step_cmd, make_corpus, preprocess_cmd, train_bpe  # noqa: E402
 from demo_pipeline import REPO, Pipeline, StepFailed, tool  # noqa: E402
 
 # (full, quick) architecture and optimization of the plateau teacher
@@ -107,9 +106,7 @@ def main(argv=None):
     d = demo.parse_args(["--work", a.work, "--threads", str(a.threads)] + (["--quick"] if a.quick else []))
     p = Pipeline(d)
     try:
-        p.step("corpus", lambda: make_corpus(p), corpus_step_cmd(d))
-        p.step("bpe", lambda: train_bpe(p))
-        p.run("preprocess", preprocess_cmd(p))
+        demo.prepare_data(p)
         cmd = train_teacher(p, a)
     except StepFailed as e:
         sys.exit("plateau_teacher: %s" % e)

@@ -216,11 +216,7 @@ def teacher_epoch_updates(p):
 
 def run_grid(p, args):
     """Build or reuse every step; returns (records, teacher measures {level/decoding: scores})."""
-    a = p.args
-    p.step("corpus", lambda: demo.make_corpus(p), demo.corpus_step_cmd(a))
-    p.step("bpe", lambda: demo.train_bpe(p))
-    p.run("preprocess", demo.preprocess_cmd(p))
-    demo.train(p, "teacher", "teacher", demo.TEACHER_CRITERION)
+    demo.build_teacher(p)
     if not args.updates:
         per_epoch = teacher_epoch_updates(p)
         args.updates = args.budget_epochs * per_epoch

@@ -190,7 +190,8 @@ def test_demo_prints_the_table_of_every_system(runs):
     assert len(student_params) == 1 and student_params.pop() < rows["teacher"][0]
     with open(os.path.join(work, "results.md")) as f:
         assert table(f.read()) == rows
-    assert "Teacher distillation of train+valid (kd-distill-corpus, beam 2)" in first.stdout
+    assert "Teacher distillation of train+valid (kd-distill-corpus, CTranslate2 float32 engine, beam 2)" \
+        in first.stdout
 
 
 def test_scores_are_sacrebleu_of_the_decoded_test_set(runs):
