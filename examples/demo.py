@@ -78,13 +78,8 @@ STUDENTS = {
 DEFAULT_STUDENTS = ("plain", "token", "sentence", "hybrid")
 TEACHER_CRITERION = STUDENTS["plain"]
 
-# Default sizes: (full, quick); 0 pairs = the whole split. Full mode, MEASURED in one `make demo` of a fresh
-# clone on an idle 2-core machine (2026-11-30, docs/DEMO.md): set-up 44 s; corpus + BPE + preprocess 20 s;
-# teacher 298 s (3 epochs x 683 updates, 24.3 BLEU), its test decoding 12 s, export 4 s; beam-2 distillation
-# of train + valid 132 s (2 shards; beam 5: ~2.5x longer for +0.7 teacher BLEU, measured 2026-11-29); top-8
-# cache dump 66 s; 2-epoch students two at a time 467 s (train: hybrid 291 s, token 162 s, sentence 135 s,
-# plain 147 s, one thread each; each + 12 s test decoding + 3 s export); speed phase 152 s (2 rounds);
-# 19.3 min for the pipeline, 20.0 min with set-up.
+# Default sizes: (full, quick); 0 pairs = the whole split. Their measured cost (train time of each system, the
+# distillation, the run's wall time, with the command and the machine): docs/DEMO.md.
 DEFAULTS = {
     "bpe_size": (4000, 1000),
     "teacher_layers": (2, 1), "teacher_dim": (128, 64), "teacher_ffn": (512, 256), "teacher_heads": (4, 2),

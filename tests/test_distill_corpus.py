@@ -88,7 +88,8 @@ def test_valid_equals_fairseq_generate(data_bin, teacher, distilled):
         assert meta["teacher_sha256"] == [hashlib.sha256(f.read()).hexdigest()]
     assert meta["dictionary_md5"] == dictionary_checksum(d)
     assert (meta["count"], meta["split_size"], meta["range"]) == (100, 100, [0, 100])
-    assert meta["generation"] == {"beam": 5, "nbest": 1, "lenpen": 1.0, "max_len_a": 0, "max_len_b": 200}
+    assert meta["generation"] == {"beam": 5, "nbest": 1, "lenpen": 1.0, "max_len_a": 0, "max_len_b": 200,
+                                  "engine": "fairseq"}
     assert "sents/s" in logs["train"]
 
 
