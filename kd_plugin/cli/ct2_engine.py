@@ -25,18 +25,18 @@ import tempfile
 from types import SimpleNamespace
 
 import numpy as np
+from fairseq import utils
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.cli import outputs
+from kd_plugin.cli import export, outputs
 
 logger = logging.getLogger("kd_plugin.cli.ct2_engine")
 
-QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16", "int8_float16")
+QUANTIZATIONS = tuple(q for q in export.QUANTIZATIONS if q != "none")  # kd-export's, float32 spelled out
 
 
 def cached_model(teacher_path, teacher_sha256, data, source_lang, target_lang, quantization, out_dir):
     """The CTranslate2 conversion of ``teacher_path`` under ``out_dir``/ct2/, made once (under a lock)."""
-    from kd_plugin.cli.export import convert
     from kd_plugin.teacher import read_checkpoint
 
     cache = os.path.join(out_dir, "ct2")
@@ -51,7 +51,7 @@ def cached_model(teacher_path, teacher_sha256, data, source_lang, target_lang, q
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache)
         try:
             args = SimpleNamespace(data=data, path=teacher_path, quantization=quantization)
-            convert(read_checkpoint(teacher_path, "--path"), args, tmp, os.path.join(tmp, "model"),
+            export.convert(read_checkpoint(teacher_path, "--path"), args, tmp, os.path.join(tmp, "model"),
                     source_lang, target_lang)
             outputs.write_json(os.path.join(tmp, "model", "kd_distill.json"),
                                {"teacher": os.path.abspath(teacher_path), "teacher_sha256": teacher_sha256,
@@ -75,8 +75,8 @@ class Decoder:
     """Decodes fairseq batches with a CTranslate2 translator; ``__call__(sample)`` -> per sentence, its
     n-best as [(target ids ending with EOS, normalized score)], best first."""
 
-    def __init__(self, translator, dataset, src_dict, tgt_dict, gen, max_target_positions):
-        self.translator, self.dataset, self.gen = translator, dataset, gen
+    def __init__(self, translator, src_dict, tgt_dict, gen, max_target_positions):
+        self.translator, self.gen = translator, gen
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
         self.max_positions = max_target_positions
 
@@ -84,12 +84,12 @@ class Decoder:
         return min(int(self.gen["max_len_a"] * width + self.gen["max_len_b"]), self.max_positions - 1)
 
     def __call__(self, sample):
-        eos = self.src_dict.eos()
+        eos, src_tokens = self.src_dict.eos(), sample["net_input"]["src_tokens"]
         sources = []
-        for i in sample["id"].tolist():
-            ids = self.dataset[i]["source"].tolist()
+        for row in src_tokens:  # the batch's own tokens, padding stripped (either side)
+            ids = utils.strip_pad(row, self.src_dict.pad()).tolist()
             sources.append([self.src_dict[t] for t in (ids[:-1] if ids and ids[-1] == eos else ids)])
-        cap = self.max_len(sample["net_input"]["src_tokens"].size(1))
+        cap = self.max_len(src_tokens.size(1))
         results = self.translator.translate_batch(
             sources, beam_size=self.gen["beam"], num_hypotheses=self.gen["nbest"],
             length_penalty=self.gen["lenpen"], max_decoding_length=cap, min_decoding_length=1,

@@ -161,15 +161,16 @@ def fairseq_decoder(task, models, gen_cfg, cuda):
     return decode
 
 
-def decode(decoder, itr, dataset, selector, hyps, progress):
-    """Decode every batch of ``itr``; the selected hypothesis goes into ``hyps`` by sample id."""
+def decode(decoder, itr, selector, pad, hyps, progress):
+    """Decode every batch of ``itr``; the selected hypothesis goes into ``hyps`` by sample id (references for
+    --select bleu|chrf: the batch's own targets, padding stripped)."""
     for sample in itr:
         if "net_input" not in sample:  # empty batch
             continue
         ids = sample["id"].tolist()
         chosen = []
-        for i, candidates in zip(ids, decoder(sample)):
-            reference = dataset[i]["target"] if selector.metric is not None else None
+        for j, candidates in enumerate(decoder(sample)):
+            reference = utils.strip_pad(sample["target"][j], pad) if selector.metric is not None else None
             chosen.append(candidates[selector.choose(candidates, reference)][0])
         hyps.add(ids, chosen)
         progress.update(len(ids))
@@ -198,7 +199,7 @@ def check_generation_args(args, dataset):
                             % (args.select, args.split))
 
 
-def build_decoder(args, task, dataset, models, paths, teachers, cfg, cuda):
+def build_decoder(args, task, models, paths, teachers, cfg, cuda):
     if args.engine == "fairseq":
         return fairseq_decoder(task, models, cfg.generation, cuda)
     model_dir = ct2_engine.cached_model(paths[0], teachers[0]["sha256"], args.data, task.cfg.source_lang,
@@ -206,7 +207,7 @@ def build_decoder(args, task, dataset, models, paths, teachers, cfg, cuda):
     translator = ct2_engine.load_translator(model_dir, args.cpu_threads or 1, args.inter_threads)
     gen = {"beam": args.beam, "nbest": args.nbest, "lenpen": args.lenpen, "max_len_a": args.max_len_a,
            "max_len_b": args.max_len_b}
-    return ct2_engine.Decoder(translator, dataset, task.source_dictionary, task.target_dictionary, gen,
+    return ct2_engine.Decoder(translator, task.source_dictionary, task.target_dictionary, gen,
                               models[0].max_decoder_positions())
 
 
@@ -247,13 +248,13 @@ def distill(args):
         "generation": generation,
         "batching": {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "seed": args.seed},
     }
-    decoder = build_decoder(args, task, dataset, models, paths, teachers, cfg, cuda)
+    decoder = build_decoder(args, task, models, paths, teachers, cfg, cuda)
     logger.info("decoding %s sentences [%d, %d) of %d with beam %d (%s) into %s", args.split, lo, hi, len(dataset),
                 args.beam, args.engine, prefix)
     itr = fairseq_io.batch_iterator(task, dataset, models, (lo, hi), args.max_tokens, args.batch_size, args.seed)
     dtype = best_fitting_int_dtype(len(tgt_dict))
     hyps = Hypotheses(lo, hi, dtype)
-    decode(decoder, itr, dataset, nbest.Selector(args.select, tgt_dict, args.remove_bpe), hyps,
+    decode(decoder, itr, nbest.Selector(args.select, tgt_dict, args.remove_bpe), tgt_dict.pad(), hyps,
            fairseq_io.Progress(args.split, hi - lo, args.log_interval))
     with out:
         write_output(out.tmp_prefix, hyps, tgt_dict, dtype, meta)
