@@ -13,15 +13,17 @@ $(STAMP): $(SETUP_DEPS)
 	$(VPY) -m pip install -q --upgrade "pip<25" "setuptools<76" wheel
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q "numpy<2.3" hydra-core==1.3.2 omegaconf==2.3.0 bitarray "sacrebleu==2.6.*" regex \
-	    sentencepiece cython pytest matplotlib tensorboardX ctranslate2==4.8.5
+	    sentencepiece cython pytest "pytest-xdist==3.*" matplotlib tensorboardX ctranslate2==4.8.5
 	$(VPY) -m pip show -q fairseq 2>/dev/null || $(VPY) -m pip install -q --no-deps fairseq==0.12.2
 	$(VPY) scripts/fairseq_compat.py
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	cd / && $(abspath $(VPY)) -c "import kd_plugin.cli.gate_dump"  # the editable install really resolves
 	touch $(STAMP)
 
+# tests run TEST_JOBS at a time (default: the cores), one test file per worker process, one thread each
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 test: setup
-	$(VPY) -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 demo: setup
 	$(VPY) examples/demo.py $(DEMO_ARGS)
