@@ -1,6 +1,7 @@
 """kd-plugin: knowledge distillation for fairseq 0.12.2, loaded with ``--user-dir path/to/kd_plugin``.
 
-Registers the task ``translation_kd`` and the criterions ``token_kd``, ``sentence_kd`` and ``hybrid_kd``.
+Registers the task ``translation_kd`` and the criterions ``token_kd``, ``sentence_kd``, ``hybrid_kd`` and
+``on_policy_kd``.
 """
 from kd_plugin import cli_errors, compat
 

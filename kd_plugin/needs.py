@@ -10,16 +10,29 @@ Every KD criterion sets ``self.teacher_needs`` (a :class:`TeacherNeeds`) in its 
   only the teacher-decoded ones);
 - puts into every sample exactly the needed keys (kd_plugin.signals): ``sample["teacher"]`` for
   ``logits`` (top-``topk`` form when ``topk`` > 0), ``sample["teacher_target"]`` and
-  ``sample["teacher_net_input"]`` for ``targets``.
+  ``sample["teacher_net_input"]`` for ``targets``;
+- with ``on_policy``, replaces the gold prefixes of a share of every training batch by the student's own
+  outputs before the teacher scores the batch (kd_plugin.on_policy; ``sample["on_policy"]`` marks those
+  rows), and refuses a ``--teacher-cache`` (it holds the teacher on the gold prefixes only).
 
 Nothing else passes between task and criterion.
 """
 from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class OnPolicy:
+    share: float  # lambda: the expected share of training sentences that take the student's prefix
+    temperature: float  # 0: greedy; > 0: sampling at this temperature
+    max_len_a: float  # length cap a * |x| + b, as fairseq-generate's
+    max_len_b: int
 
 
 @dataclass(frozen=True)
 class TeacherNeeds:
-    logits: bool = False  # the teacher's token-level signal on the gold prefixes (sample["teacher"])
+    logits: bool = False  # the teacher's token-level signal on the batch's prefixes (sample["teacher"])
     targets: bool = False  # the teacher-decoded targets (sample["teacher_target"], sample["teacher_net_input"])
     topk: int = 0  # K of the token-level signal; 0 = the full vocabulary (online teacher only)
     gold_targets: bool = True  # the loss runs the student on the gold targets (batching counts their length)
+    on_policy: Optional[OnPolicy] = None  # the student's own prefixes for a share of the training sentences

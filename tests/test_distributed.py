@@ -15,7 +15,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from helpers import BIN, TINY_ARCH, TRAIN_COMMON, USER_DIR, load_state, run
 from test_resume import UNUSED, per_update
@@ -33,6 +32,11 @@ CASES = {
                                                   "--teacher-path", t, "--teacher-targets", targets],
     "hybrid_kd": lambda t, targets, cache: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", t,
                                             "--teacher-targets", targets],
+    # the student's own prefixes for half the sentences, greedy and sampled (seeded by the batch: exact too)
+    "on_policy_kd_greedy": lambda t, targets, cache: ["--criterion", "on_policy_kd", "--teacher-path", t,
+                                                      "--on-policy-share", "0.5", "--on-policy-temperature", "0"],
+    "on_policy_kd_sampled": lambda t, targets, cache: ["--criterion", "on_policy_kd", "--teacher-path", t,
+                                                       "--on-policy-share", "0.5", "--on-policy-temperature", "1"],
 }
 BACKENDS = ["pytorch_ddp", "legacy_ddp"]
 

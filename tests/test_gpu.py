@@ -1,8 +1,8 @@
 """What only a GPU can check (run by scripts/gpu_check.sh, docs/GPU.md): fairseq's own --fp16 / --bf16.
 
-- every criterion (token_kd online and from a cache, sentence_kd, hybrid_kd) trains with real fairseq-train
-  in each precision, its saved weights are values of that half dtype, and stock fairseq-generate (no
-  --user-dir) decodes it;
+- every criterion (token_kd online and from a cache, sentence_kd, hybrid_kd, on_policy_kd) trains with real
+  fairseq-train in each precision, its saved weights are values of that half dtype, and stock fairseq-generate
+  (no --user-dir) decodes it;
 - cached and online top-K teachers give the same loss on a half-precision student on GPU;
 - an fp16 teacher whose logits overflow (finite in fp32) does not kill the run: kd_plugin/teacher.py reruns
   such a batch in float32.
@@ -44,6 +44,8 @@ CASES = {  # case -> criterion flags, from the fixtures by name
     "sentence_kd": lambda f: ["--criterion", "sentence_kd", "--teacher-targets", f("teacher_targets")],
     "hybrid_kd": lambda f: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", f("teacher"),
                             "--teacher-targets", f("teacher_targets")],
+    "on_policy_kd": lambda f: ["--criterion", "on_policy_kd", "--on-policy-share", "0.5", "--on-policy-temperature",
+                               "1", "--teacher-path", f("teacher")],
 }
 
 

@@ -1,10 +1,12 @@
 """Task ``translation_kd``: fairseq's translation task plus the teacher's signals in every sample.
 
 Signals (documented keys, see kd_plugin.signals):
-  sample["teacher"]            token-level teacher log-probs on the gold prefix: online from
+  sample["teacher"]            token-level teacher log-probs on the batch's prefixes: online from
                                ``--teacher-path`` (run in train_step/valid_step) or read from ``--teacher-cache``;
   sample["teacher_target"]     teacher-decoded targets from ``--teacher-targets`` (kd-distill-corpus output),
-  sample["teacher_net_input"]  with their ``prev_output_tokens``.
+  sample["teacher_net_input"]  with their ``prev_output_tokens``;
+  sample["on_policy"]          (training, criteria that need it) the rows whose target and prefix are the
+                               student's own output (kd_plugin.on_policy), scored by the online teacher.
 The criterion declares what it needs in ``criterion.teacher_needs`` (kd_plugin.needs.TeacherNeeds); the task
 reads it once in ``build_criterion``, checks the command line against it, and serves exactly that.
 """
@@ -16,9 +18,11 @@ from typing import Optional
 from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
 
 from kd_plugin.checks import KDConfigError
 from kd_plugin.data.kd_dataset import KDLanguagePairDataset, NeedsRef, load_teacher_targets, teacher_targets_prefix
+from kd_plugin.on_policy import with_student_prefixes
 from kd_plugin.signals import TEACHER
 from kd_plugin.teacher import Teacher
 
@@ -37,6 +41,7 @@ class TranslationKDConfig(TranslationConfig):
     teacher_cache: Optional[str] = field(
         default=None, metadata={"help": "directory of cached top-K teacher log-probs written by "
                                         "kd-dump-teacher (no teacher is loaded)"})
+    seed: int = II("common.seed")  # seeds the on-policy rows and sampling (kd_plugin.on_policy)
 
 
 @register_task("translation_kd", dataclass=TranslationKDConfig)
@@ -116,6 +121,10 @@ class TranslationKDTask(TranslationTask):
         if needs.targets and not self.targets_dir():
             raise KDConfigError("criterion %s needs teacher-decoded targets: pass --teacher-targets DIR "
                                 "(made by kd-distill-corpus)" % name)
+        if needs.on_policy and self.cfg.teacher_cache:
+            raise KDConfigError("criterion %s needs an online teacher (--teacher-path): --teacher-cache holds the "
+                                "teacher's signal on the gold prefixes only, not on the student's own outputs"
+                                % name)
         if needs.logits and self.cfg.teacher_cache:
             from kd_plugin.data.teacher_cache import check_cache_topk
 
@@ -133,7 +142,16 @@ class TranslationKDTask(TranslationTask):
             return
         sample[TEACHER] = self.teacher.signal(sample["net_input"], model, topk=needs.topk)
 
+    def add_student_prefixes(self, sample, model, update_num):
+        """The student's own outputs as the prefixes of a share of the batch, if the criterion needs them."""
+        needs = self.needs.needs
+        if not sample or needs is None or needs.on_policy is None:
+            return sample
+        return with_student_prefixes(sample, model, self.tgt_dict, needs.on_policy, self.cfg.seed, update_num,
+                                     self.cfg.left_pad_target)
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        sample = self.add_student_prefixes(sample, model, update_num)
         self.add_teacher_signal(sample, model)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
