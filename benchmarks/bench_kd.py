@@ -56,11 +56,22 @@ KD = ["--user-dir", "{user_dir}", "--task", "translation_kd"]
 LS = ["--label-smoothing", "0.1"]
 
 
-def token_flags(topk):
-    """token_kd's flags (also hybrid_kd's token-level half): forward KL at T = 1, alpha 1/2, every token."""
+def kd_term_flags(topk):
+    """The KD term's flags (on_policy_kd's): forward KL at T = 1, alpha 1/2."""
     return ["--kd-alpha", "0.5", "--kd-temperature", "1", "--kd-divergence", "forward_kl", "--kd-js-beta", "0.5",
-            "--kd-skew-lambda", "0.1", "--kd-topk", topk, "--kd-select", "all", "--kd-select-rate", "0.5",
-            "--kd-select-queue", "30000"]
+            "--kd-skew-lambda", "0.1", "--kd-topk", topk]
+
+
+def token_flags(topk):
+    """token_kd's flags (also hybrid_kd's token-level half): the KD term on every token."""
+    return kd_term_flags(topk) + ["--kd-select", "all", "--kd-select-rate", "0.5", "--kd-select-queue", "30000"]
+
+
+def on_policy_flags(share):
+    """on_policy_kd: the student's own sampled outputs (T = 1, the demo's length cap) for a share of sentences."""
+    return ["--criterion", "on_policy_kd"] + kd_term_flags("0") + [
+        "--on-policy-share", share, "--on-policy-temperature", "1", "--on-policy-max-len-a", "1.2",
+        "--on-policy-max-len-b", "10"]
 
 
 # hybrid_kd's weight g(x) fixed at 1/2 (the learned gate's settings given too, unused by a fixed gate)
@@ -83,6 +94,10 @@ CONFIGS = {
     "hybrid-cache": ("hybrid_kd, cached top-K + targets",
                      KD + ["--teacher-cache", "{cache}", "--criterion", "hybrid_kd"] + token_flags("{topk}")
                      + HYBRID_GATE + LS),
+    "on-policy-half": ("on_policy_kd, online teacher, full vocab, share 0.5 sampled",
+                       KD + ["--teacher-path", "{teacher}"] + on_policy_flags("0.5") + LS),
+    "on-policy-all": ("on_policy_kd, online teacher, full vocab, share 1 sampled",
+                      KD + ["--teacher-path", "{teacher}"] + on_policy_flags("1") + LS),
 }
 # targets: configuration prefix -> (minimum words/s ratio, multiplied by the FLOPs floor?)
 SPEED_TARGETS = {"sentence": (0.97, False), "token-cache": (0.90, False),
