@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+import warm
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "kd_plugin")
 BIN = os.path.dirname(sys.executable)
@@ -44,17 +46,23 @@ def make_corpus(out_dir, n_train=1500, n_valid=100, n_test=100, seed=0):
 
 
 def run(*args, expect_ok=True, env=None, timeout=600):
-    """Run a CLI (name resolved next to this interpreter) and return its combined output."""
+    """Run a CLI (name resolved next to this interpreter) and return its combined output. fairseq's and
+    kd-plugin's console scripts run in a fork of a warm process (tests/warm.py) unless ``env`` changes the
+    environment (e.g. PYTHONPATH) or KD_TESTS_COLD=1."""
     cmd = [os.path.join(BIN, args[0]) if os.path.exists(os.path.join(BIN, args[0])) else args[0]]
     cmd += [str(a) for a in args[1:]]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                       timeout=timeout)
-    if expect_ok and p.returncode != 0:
-        raise AssertionError("command failed (%d): %s\n%s" % (p.returncode, " ".join(cmd), p.stdout[-4000:]))
-    if not expect_ok and p.returncode == 0:
-        raise AssertionError("command unexpectedly succeeded: %s\n%s" % (" ".join(cmd), p.stdout[-2000:]))
-    return p.stdout
+    if env is None and args[0] in warm.ENTRIES and cmd[0] != args[0] and os.environ.get("KD_TESTS_COLD") != "1":
+        code, out = warm.run(args[0], cmd[1:], full_env, timeout)
+    else:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                           timeout=timeout)
+        code, out = p.returncode, p.stdout
+    if expect_ok and code != 0:
+        raise AssertionError("command failed (%d): %s\n%s" % (code, " ".join(cmd), out[-4000:]))
+    if not expect_ok and code == 0:
+        raise AssertionError("command unexpectedly succeeded: %s\n%s" % (" ".join(cmd), out[-2000:]))
+    return out
 
 
 def preprocess(text_dir, dest):
