@@ -20,11 +20,11 @@ $(STAMP): $(SETUP_DEPS)
 	cd / && $(abspath $(VPY)) -c "import kd_plugin.cli.gate_dump"  # the editable install really resolves
 	touch $(STAMP)
 
-# tests run TEST_JOBS at a time (default: the cores), one test file per worker process, one thread each, the
-# longest files first (tests/conftest.py); console scripts run in forks of a warm process (tests/warm.py)
+# tests run TEST_JOBS at a time (default: the cores), one test file per worker process, one thread each;
+# console scripts run in forks of a warm process (tests/warm.py)
 TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 demo: setup
 	$(VPY) examples/demo.py $(DEMO_ARGS)

@@ -5,17 +5,6 @@ import pytest
 
 from helpers import TINY_ARCH, make_corpus, preprocess, train
 
-# the longest files first (their module set-up runs their drivers end to end), so that pytest-xdist's workers
-# (make test: --dist loadfile --no-loadscope-reorder hands out files in this order) finish together
-SLOW_FIRST = ("test_study.py", "test_demo.py", "test_compare_mix.py", "test_distributed.py", "test_bad_input.py",
-              "test_resume.py", "test_checkpoint_contents.py", "test_teacher_cache.py", "test_export.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(SLOW_FIRST)))  # stable
-
-
 # a teacher twice the student's width and depth
 TEACHER_ARCH = [a if a not in ("32", "64", "1") else {"32": "64", "64": "128", "1": "2"}[a] for a in TINY_ARCH]
 
