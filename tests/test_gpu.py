@@ -76,8 +76,10 @@ def test_criterion_trains_in_half_precision_and_decodes_with_stock_fairseq(
     assert losses and all(math.isfinite(v) for v in losses), losses
     start = values(next(line for line in log.splitlines() if "| train_inner |" in line), "loss")[0]
     first, last = first_and_last_valid(log)
-    # it learns: on CPU in float32 the last validation is 0.77-0.80 x the first logged training loss
-    assert last < first and last < 0.85 * start, (start, first, last)
+    # it learns: on CPU in float32 the last validation is 0.77-0.80 x the first logged training loss.
+    # on_policy_kd's training loss has no gold term on its on-policy rows, so only its validation loss (token_kd's,
+    # on gold prefixes) is compared: 4.359 -> 4.177 on CPU in float32
+    assert last < first and (case == "on_policy_kd" or last < 0.85 * start), (start, first, last)
     if case != "sentence_kd":
         kd = values(log, "kd_loss")
         assert kd and all(math.isfinite(v) and v > 0 for v in kd), kd
