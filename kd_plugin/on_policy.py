@@ -14,6 +14,8 @@ length 1:
 Those rows' target becomes the student's output (ending in EOS), their prev_output_tokens that output behind
 EOS; the other rows keep the gold, collated exactly as fairseq collates it.
 """
+import contextlib
+
 import numpy as np
 import torch
 from fairseq import search, utils
@@ -49,7 +51,7 @@ def generate(model, tgt_dict, src_tokens, src_lengths, temperature, max_len_a, m
                                       min_len=1, temperature=temperature if sampling else 1.0,
                                       search_strategy=search.Sampling(tgt_dict) if sampling else None)
         model.eval()
-        with utils.set_torch_seed(seed):
+        with utils.set_torch_seed(seed) if sampling else contextlib.nullcontext():
             out = generator.generate([model], {"net_input": {"src_tokens": src_tokens, "src_lengths": src_lengths}})
     finally:
         model.train(was_training)

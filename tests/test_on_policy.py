@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.data import data_utils
 
 from conftest import TEACHER_ARCH
 from helpers import kd_train, load_state, run
 from inproc import build, first_batch
 
+from kd_plugin.needs import OnPolicy, TeacherNeeds
 from kd_plugin.on_policy import ON_POLICY, choose_rows, generate
 
 MAX_LEN = ("--on-policy-max-len-a", "1.2", "--on-policy-max-len-b", "10")
@@ -60,6 +62,20 @@ def test_share_zero_is_token_kd_exactly(data_bin, teacher):
         results.append((loss, size, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (a, size_a, grad_a), (b, size_b, grad_b) = results
     assert torch.equal(a, b) and size_a == size_b and torch.equal(grad_a, grad_b)
+
+
+def test_declared_needs_and_the_keys_served(data_bin, teacher):
+    """The task reads on_policy_kd's TeacherNeeds once and serves exactly them: in training the teacher's signal
+    and the on-policy rows, in validation (gold prefixes) the teacher's signal alone."""
+    task, model, crit = on_policy(data_bin, teacher, "--on-policy-share", "0.5", "--on-policy-temperature", "0.7")
+    want = TeacherNeeds(logits=True, topk=0, on_policy=OnPolicy(0.5, 0.7, 1.2, 10))
+    assert crit.teacher_needs == want and task.needs.needs == want
+    sample = first_batch(task, "train")
+    signals = {"teacher", "teacher_target", "teacher_net_input", ON_POLICY}
+    assert signals & set(prepared(task, model, sample, update=1)) == {"teacher", ON_POLICY}
+    valid = dict(first_batch(task, "valid"))
+    _, _, log = task.valid_step(valid, model, crit)  # adds the teacher's signal to ``valid`` in place
+    assert signals & set(valid) == {"teacher"} and "on_policy_sentences" not in log
 
 
 def test_greedy_prefixes_are_fairseq_generate_beam_1_output(data_bin, teacher):
@@ -180,8 +196,6 @@ def on_policy_kl(task, model, teacher_model, sample):
     net = sample["net_input"]
     with torch.no_grad():
         outs = generate(model, task.tgt_dict, net["src_tokens"], net["src_lengths"], 0.0, 1.2, 10)
-        from fairseq.data import data_utils
-
         pad, eos = task.tgt_dict.pad(), task.tgt_dict.eos()
         tgt = data_utils.collate_tokens(outs, pad, eos)
         prev = data_utils.collate_tokens(outs, pad, eos, move_eos_to_beginning=True)
