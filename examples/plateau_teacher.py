@@ -1,23 +1,32 @@
 #!/usr/bin/env python3
-"""A teacher worth distilling, trained to its plateau on the demo corpus (issue 20; `make teacher`).
+"""The plateau teacher (issue 28; `make teacher`): the demo's teacher architecture trained to convergence.
 
     .venv/bin/python examples/plateau_teacher.py             # build or resume; skips what is built
+    .venv/bin/python examples/plateau_teacher.py --snapshot  # copy the in-flight run to artifacts/ (commit it)
     .venv/bin/python examples/plateau_teacher.py --quick     # smoke run on the demo's --quick corpus
 
-The demo's cached data steps (examples/demo.py: corpus, sentencepiece BPE, fairseq-preprocess) under --work
-(default work/plateau), then ONE fairseq-train run of the architecture below with early stopping: fairseq's
-own ``--eval-bleu`` decodes the validation set after every epoch (beam 5, the demo's length cap), the best
-checkpoint is kept by validation BLEU, and training stops after ``--patience`` epochs without a new best (or
-at ``--max-epoch``). Resumable: fairseq-train restores WORK/ckpt/teacher/checkpoint_last.pt when rerun with
-the same command, so an interrupted run continues where it stopped. Then the best checkpoint is scored on the
-test set with stock fairseq-generate (beam 5) and sacreBLEU, and a record (command, per-epoch curve, wall
-seconds, BLEU/chrF) is written to WORK/teacher.json for docs/PLATEAU.md and docs/plateau_results.json.
-Every flag that defines the run is spelled out in TEACHER (no fairseq or plugin default is relied on).
+The demo's cached data steps under --work (default work/plateau), then ONE fairseq-train run: the demo's
+teacher (2+2 layers, d=128, ffn 512, 4 heads, shared embeddings, dropout 0.1, label smoothing 0.1, Adam,
+--max-tokens 1500) with a cosine learning rate annealed from 3e-3 to 0 over a budget of --max-epoch epochs
+(the cap), and early stopping on validation BLEU (fairseq's --eval-bleu, beam 5, the demo's length cap,
+--patience epochs). The best checkpoint by validation BLEU is the teacher.
+
+Resumable across machines: ``--snapshot`` copies checkpoint_last.pt, checkpoint_best.pt and the training
+log to artifacts/inflight/plateau-teacher/ (commit them before a stop); a later run restores them when its
+work directory has none and continues (fairseq-train restores checkpoint_last.pt; its early-stopping counter
+restarts, the best score does not). When training ends, the best checkpoint's weights (no optimizer state)
+go to artifacts/plateau/teacher.pt, it is scored on the test set (stock fairseq-generate, beam 5,
+sacreBLEU), its record (command, per-epoch curve, test BLEU/chrF, sha256) is appended to
+docs/plateau_results.json, and the in-flight copy is removed.
+Every flag that defines the run is spelled out below (no fairseq default is relied on).
 """
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 
@@ -25,17 +34,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
 from demo_pipeline import REPO, Pipeline, StepFailed, tool  # noqa: E402
 
-# (full, quick) architecture and optimization of the plateau teacher
-ARCH = {"layers": (3, 1), "dim": (192, 32), "ffn": (768, 64), "heads": (4, 2)}
+# (full, quick) architecture: the demo's teacher (examples/demo.py DEFAULTS)
+ARCH = {"layers": (2, 1), "dim": (128, 32), "ffn": (512, 64), "heads": (4, 2)}
 TEACHER = ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-           "--dropout", "0.3", "--attention-dropout", "0.1", "--activation-dropout", "0.1", "--weight-decay", "0.0001",
+           "--dropout", "0.1", "--attention-dropout", "0", "--activation-dropout", "0", "--weight-decay", "0",
            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-           "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "500", "--warmup-init-lr", "1e-07",
-           "--max-tokens", "4096", "--num-workers", "0"]
+           "--lr", "3e-3", "--lr-scheduler", "cosine", "--min-lr", "0", "--warmup-updates", "400",
+           "--warmup-init-lr", "1e-07", "--max-tokens", "1500", "--required-batch-size-multiple", "8",
+           "--num-workers", "0"]
 EVAL_ARGS = {"beam": 5, "max_len_a": 1.2, "max_len_b": 10}
 EVAL_BLEU = ["--eval-bleu", "--eval-bleu-args", json.dumps(EVAL_ARGS), "--eval-bleu-detok", "space",
              "--eval-bleu-remove-bpe", "sentencepiece", "--best-checkpoint-metric", "bleu",
              "--maximize-best-checkpoint-metric"]
+ARTIFACTS = os.path.join(REPO, "artifacts")
+INFLIGHT_FILES = ("checkpoint_last.pt", "checkpoint_best.pt")
+RESULTS = os.path.join(REPO, "docs", "plateau_results.json")
 
 
 def arch_flags(quick):
@@ -49,38 +62,79 @@ def arch_flags(quick):
     return out
 
 
-def teacher_cmd(p, a):
+def updates_per_epoch(data_bin, max_tokens=1500, multiple=8):
+    """Batches of fairseq-train's training epoch (the same batching: translation task, --max-tokens,
+    --required-batch-size-multiple, fairseq's default max positions)."""
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    task = TranslationTask.setup_task(TranslationConfig(data=data_bin, source_lang="de", target_lang="en", dataset_impl="mmap"))
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=max_tokens, max_positions=(1024, 1024),
+                                  required_batch_size_multiple=multiple, seed=1)
+    return len(itr)
+
+
+def teacher_cmd(p, a, max_update):
     return [tool("fairseq-train"), p.path("data-bin"), "--source-lang", "de", "--target-lang", "en",
             "--seed", str(a.seed)] + arch_flags(a.quick) + TEACHER + EVAL_BLEU + [
-            "--max-epoch", str(a.max_epoch), "--patience", str(a.patience),
+            "--max-epoch", str(a.max_epoch), "--max-update", str(max_update), "--patience", str(a.patience),
             "--save-dir", p.path("ckpt", "teacher"), "--no-epoch-checkpoints",
             "--log-format", "simple", "--log-interval", "100"]
 
 
+def inflight_dir(a):
+    return os.path.join(ARTIFACTS, "inflight", "plateau-teacher" + ("-quick" if a.quick else ""))
+
+
+def restore_inflight(p, a):
+    """A committed in-flight run (artifacts/inflight) into an empty work directory."""
+    src, dst = inflight_dir(a), p.path("ckpt", "teacher")
+    if not os.path.isdir(src) or os.path.isfile(os.path.join(dst, "checkpoint_last.pt")):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for name in INFLIGHT_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    shutil.copy(os.path.join(src, "teacher.log"), p.path("logs", "teacher.log"))
+    p.progress("teacher", "restored the in-flight run from %s" % src)
+
+
+def snapshot(p, a):
+    """Copy the in-flight run (checkpoints, log) to artifacts/inflight, for a commit before a stop."""
+    src, dst = p.path("ckpt", "teacher"), inflight_dir(a)
+    os.makedirs(dst, exist_ok=True)
+    for name in INFLIGHT_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name + ".tmp"))
+            os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
+    shutil.copy(p.path("logs", "teacher.log"), os.path.join(dst, "teacher.log"))
+    print("snapshot in %s (epoch %d)" % (dst, len(epoch_curve(p.path("logs", "teacher.log")))))
+
+
 def epoch_curve(log):
-    """[{epoch, valid_loss, valid_nll_loss, valid_bleu, num_updates, wall}] from fairseq-train's valid lines."""
-    curve = []
+    """[{epoch, valid_loss, valid_nll_loss, valid_bleu, num_updates, wall}] from fairseq-train's valid lines
+    (a resumed run's repeated epoch keeps its last line)."""
+    curve = {}
     with open(log, errors="replace") as f:
         for line in f:
             if "| valid on 'valid' subset" not in line:
                 continue
             fields = dict(re.findall(r"\| (\w+) ([-\d.e+]+)", line))
-            curve.append({"epoch": int(fields["epoch"]), "valid_loss": float(fields["loss"]),
-                          "valid_nll_loss": float(fields["nll_loss"]), "valid_bleu": float(fields.get("bleu", "nan")),
-                          "num_updates": int(fields["num_updates"]), "wall": float(fields.get("wall", "nan"))})
-    return curve
+            curve[int(fields["epoch"])] = {
+                "epoch": int(fields["epoch"]), "valid_loss": float(fields["loss"]),
+                "valid_nll_loss": float(fields["nll_loss"]), "valid_bleu": float(fields.get("bleu", "nan")),
+                "num_updates": int(fields["num_updates"]), "wall": float(fields.get("wall", "nan"))}
+    return [curve[k] for k in sorted(curve)]
 
 
-def train_teacher(p, a):
-    """fairseq-train until early stopping; appends to WORK/logs/teacher.log so a resumed run keeps its curve."""
+def train_teacher(p, a, cmd):
+    """fairseq-train until early stopping or the cap; appends to WORK/logs/teacher.log (a resumed run keeps
+    its curve)."""
     done = p.path("done", "teacher-train.json")
-    cmd = teacher_cmd(p, a)
     if os.path.isfile(done):
         p.progress("teacher", "trained (delete %s to train again)" % done)
-        return cmd
+        return
     log = p.path("logs", "teacher.log")
-    import subprocess
-
     start = time.time()
     with open(log, "a") as f:
         f.write("$ %s\n" % " ".join(cmd))
@@ -90,7 +144,64 @@ def train_teacher(p, a):
         raise StepFailed("teacher training failed (exit %d); log: %s" % (rc, log))
     with open(done, "w") as f:
         json.dump({"seconds_this_run": time.time() - start, "cmd": cmd}, f)
-    return cmd
+
+
+def weights_only(src, dst):
+    """The checkpoint without optimizer state (what fairseq-generate and the KD task load); returns sha256."""
+    import torch
+
+    state = torch.load(src, map_location="cpu", weights_only=False)
+    state["last_optimizer_state"] = None
+    state.pop("extra_state", None)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    torch.save(state, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    with open(dst, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_scores(p, ckpt):
+    """(BLEU, chrF) of stock fairseq-generate, beam 5, the demo's length cap, on the test set."""
+    cmd = [tool("fairseq-generate"), p.path("data-bin"), "--path", ckpt, "--source-lang", "de",
+           "--target-lang", "en", "--gen-subset", "test", "--beam", "5", "--batch-size", "64",
+           "--remove-bpe", "sentencepiece"] + demo.MAX_LEN
+    log = p.path("logs", "eval-plateau-teacher.log")
+    with open(log, "w") as f:
+        if subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=p.env) != 0:
+            raise StepFailed("fairseq-generate failed; log: %s" % log)
+    from sacrebleu.metrics import BLEU, CHRF
+
+    refs = demo.read_lines(p.path("corpus", "test.en"))
+    hyps = demo.hypotheses(log, len(refs))
+    return BLEU().corpus_score(hyps, [refs]).score, CHRF().corpus_score(hyps, [refs]).score, cmd
+
+
+def relative(cmd):
+    return [os.path.relpath(x, REPO) if isinstance(x, str) and x.startswith(REPO) else x for x in cmd]
+
+
+def finish(p, a, cmd):
+    """Weights-only teacher in artifacts/, its test scores and its record; the in-flight copy removed."""
+    name = "teacher-quick.pt" if a.quick else "teacher.pt"
+    dst = os.path.join(ARTIFACTS, "plateau", name)
+    sha = weights_only(p.path("ckpt", "teacher", "checkpoint_best.pt"), dst)
+    bleu, chrf, gen = test_scores(p, dst)
+    curve = epoch_curve(p.path("logs", "teacher.log"))
+    record = {"method": "teacher", "seed": a.seed, "size": "teacher", "quick": a.quick, "teacher_sha256": sha,
+              "checkpoint": os.path.relpath(dst, REPO), "command": relative(cmd), "threads": a.threads,
+              "generate_command": relative(gen), "curve": curve, "epochs": len(curve),
+              "best_epoch": max(curve, key=lambda c: c["valid_bleu"])["epoch"],
+              "test_bleu": bleu, "test_chrf": chrf}
+    if not a.quick:
+        records = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else []
+        records = [r for r in records if r.get("method") != "teacher"] + [record]
+        with open(RESULTS + ".tmp", "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(RESULTS + ".tmp", RESULTS)
+    with open(p.path("teacher.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    shutil.rmtree(inflight_dir(a), ignore_errors=True)
+    p.progress("teacher", "test BLEU %.2f chrF %.2f; %s sha256 %s" % (bleu, chrf, dst, sha))
 
 
 def main(argv=None):
@@ -98,22 +209,24 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the demo's --quick corpus and a tiny teacher")
     parser.add_argument("--work", default=None, help="work directory (default work/plateau[-quick])")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--patience", type=int, default=6, help="epochs without a new best validation BLEU")
-    parser.add_argument("--max-epoch", type=int, default=60, help="cap on epochs")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS (0: torch's default)")
+    parser.add_argument("--patience", type=int, default=5, help="epochs without a new best validation BLEU")
+    parser.add_argument("--max-epoch", type=int, default=30, help="cap on epochs = the cosine schedule's budget")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of training and scoring")
+    parser.add_argument("--snapshot", action="store_true", help="copy the in-flight run to artifacts/inflight")
     a = parser.parse_args(argv)
     a.work = a.work or os.path.join(REPO, "work", "plateau-quick" if a.quick else "plateau")
     d = demo.parse_args(["--work", a.work, "--threads", str(a.threads)] + (["--quick"] if a.quick else []))
     p = Pipeline(d)
+    if a.snapshot:
+        return snapshot(p, a)
     try:
         demo.prepare_data(p)
-        cmd = train_teacher(p, a)
+        cmd = teacher_cmd(p, a, a.max_epoch * updates_per_epoch(p.path("data-bin")))
+        restore_inflight(p, a)
+        train_teacher(p, a, cmd)
+        finish(p, a, cmd)
     except StepFailed as e:
         sys.exit("plateau_teacher: %s" % e)
-    curve = epoch_curve(p.path("logs", "teacher.log"))
-    p.progress("teacher", "%d epochs, best valid BLEU %.2f" % (len(curve), max(c["valid_bleu"] for c in curve)))
-    with open(p.path("teacher.json"), "w") as f:
-        json.dump({"cmd": cmd, "curve": curve}, f, indent=1)
 
 
 if __name__ == "__main__":
