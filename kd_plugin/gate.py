@@ -32,8 +32,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kd_plugin.retired import check_gate
-
 
 class SentenceGate(nn.Module):
     """z(x) = w2 . tanh(W1 [LN(mean_t h_t(x)); log(1 + |x|)] + b1) + b2."""
@@ -67,9 +65,9 @@ class FixedGate(nn.Module):
 
 
 def build_gate(spec, dim, hidden=64):
-    """``sentence`` -> the learned per-sentence gate, ``fixed:<value in [0, 1]>`` -> a constant; retired
-    values (kd_plugin.retired) and anything else -> ValueError naming --kd-gate."""
-    check_gate(spec)
+    """``sentence`` -> the learned per-sentence gate, ``fixed:<value in [0, 1]>`` -> a constant; anything else
+    -> ValueError naming --kd-gate. (Retired values are refused before, where fairseq reads the configuration:
+    kd_plugin.fairseq_patches.retired_modes.)"""
     if spec == "sentence":
         if not dim:
             raise ValueError("--kd-gate sentence needs the student's encoder dimension (encoder_embed_dim)")

@@ -45,17 +45,20 @@ def check_gate(spec):
         _fail("--kd-gate %s" % spec, key)
 
 
-def check_criterion_cfg(cfg, where):
-    """Refuse a saved criterion configuration (``where``: the checkpoint) that used a retired mode."""
+def check_criterion_cfg(cfg, where=None):
+    """Refuse a criterion configuration that uses a retired mode; ``where`` (e.g. the checkpoint that saved it)
+    prefixes the message."""
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-    mix = get("kd_mix", None)
-    if mix not in (None, "gate"):
-        _fail("%s: --kd-mix %s" % (where, mix), "kd_mix")
-    for key in ("kd_gold_weight", "kd_gate_warmup"):
-        if get(key, 0):
-            _fail("%s: --%s %s" % (where, key.replace("_", "-"), get(key)), key)
-    if get("kd_gate", None) is not None:
-        try:
+    try:
+        mix = get("kd_mix", None)
+        if mix not in (None, "gate"):
+            _fail("--kd-mix %s" % mix, "kd_mix")
+        for key in ("kd_gold_weight", "kd_gate_warmup"):
+            if get(key, 0):
+                _fail("--%s %s" % (key.replace("_", "-"), get(key)), key)
+        if get("kd_gate", None) is not None:
             check_gate(get("kd_gate"))
-        except KDConfigError as e:
-            raise KDConfigError("%s: %s" % (where, e)) from None
+    except KDConfigError as e:
+        if where is None:
+            raise
+        raise KDConfigError("%s: %s" % (where, e)) from None

@@ -1,29 +1,28 @@
 #!/usr/bin/env python
-"""Install-time compatibility edits for the stock fairseq 0.12.2 sdist (see README, "Compatibility fixes").
+"""Install-time compatibility edits for the stock fairseq 0.12.2 sdist (``make setup``; docs/COMPAT.md).
 
-Each edit is a textual patch of one file of the installed fairseq. The step is idempotent (a file
-already patched is left alone) and verified: it exits non-zero naming the file when an edit did not
-land, and finally imports fairseq's config and checks the three fixes in a fresh interpreter.
+Applies the ``edits`` of every fix in kd_plugin/fairseq_patches/fixes.py (the one table of fixes; the plugin
+applies their in-memory ``patch`` form at import) to the installed fairseq files. Idempotent (a file already
+edited is left alone) and verified: it exits non-zero naming the file when an edit did not land, and finally
+imports fairseq in a fresh interpreter and checks the fixes.
 
-1. Python 3.11 rejects ``x: FooConfig = FooConfig()`` dataclass defaults ("mutable default").
-   We rewrite them to ``x: FooConfig = field(default=FooConfig)`` (omegaconf expands the class);
-   ``default_factory`` would not do: fairseq's startup then trips over ``_MISSING_TYPE``.
-2. torch >= 2.6 defaults ``torch.load(weights_only=True)``: fairseq checkpoints hold an
-   ``argparse.Namespace`` and omegaconf objects, so every reload fails. We pass ``weights_only=False``
-   (fairseq checkpoints are trusted files written by fairseq itself).
-3. The encoder-layer "fast path" (``torch._transformer_encoder_layer_fwd`` on nested tensors) raises
-   ``Mask Type should be defined`` on padded batches of an eval-mode model. We disable the fast path.
-4. The encoder layers keep copies of their weights for that fast path as ``nn.Parameter`` s that never
-   get a gradient, so ``--ddp-backend pytorch_ddp`` (the default) stops at the second update unless
-   ``--find-unused-parameters``. We set ``requires_grad=False`` on them (they stay in the state dict).
+fixes.py is loaded by its path, not imported as ``kd_plugin.fairseq_patches.fixes``: this runs before the
+plugin is installed, and importing the package kd_plugin imports fairseq, which fails before these edits.
 """
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 
-MARK = "# kd-plugin compat"
+FIXES_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "kd_plugin", "fairseq_patches", "fixes.py")
+
+
+def load_fixes():
+    spec = importlib.util.spec_from_file_location("kd_plugin_fairseq_fixes", FIXES_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fairseq_dir():
@@ -32,41 +31,6 @@ def fairseq_dir():
         sys.exit("fairseq_compat: fairseq is not installed in %s" % sys.executable)
     return list(spec.submodule_search_locations)[0]
 
-
-def _dataclass_defaults(text):
-    # `    name: FooConfig = FooConfig()` and `field(default=FooConfig())`
-    text = re.sub(r"^(\s+\w+: (\w+Config)) = \2\(\)\s*$", r"\1 = field(default=\2)", text, flags=re.M)
-    return re.sub(r"field\(default=(\w+Config)\(\)\)", r"field(default=\1)", text)
-
-
-def _weights_only(text):
-    return re.sub(r"torch\.load\(\n?(\s*)f,", r"torch.load(\n\1f, weights_only=False,", text)
-
-
-def _no_fast_path(text):
-    return text.replace("self.can_use_fastpath = (", "self.can_use_fastpath = False and (  %s" % MARK, 1)
-
-
-BT_COPIES = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
-             "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
-FROZEN = "        for _p in (%s):  %s bt\n            _p.requires_grad_(False)\n" % (
-    ", ".join("self." + n for n in BT_COPIES), MARK)
-
-
-def _frozen_bt_copies(text):
-    anchor = "        self.fc2_bias = torch.nn.Parameter(torch.zeros(self.fc2.bias.shape))\n"
-    return text.replace(anchor, anchor + FROZEN, 1)
-
-
-EDITS = [
-    ("dataclass/configs.py", _dataclass_defaults, lambda t: not re.search(r"= \w+Config\(\)\s*$", t, re.M)),
-    ("models/transformer/transformer_config.py", _dataclass_defaults,
-     lambda t: not re.search(r"= \w+Config\(\)|default=\w+Config\(\)", t)),
-    ("checkpoint_utils.py", _weights_only,
-     lambda t: t.count("weights_only=False") >= 2),
-    ("modules/transformer_layer.py", _no_fast_path, lambda t: "False and (  " + MARK in t),
-    ("modules/transformer_layer.py", _frozen_bt_copies, lambda t: MARK + " bt" in t),
-]
 
 CHECK = r"""
 import torch, fairseq.dataclass.configs as C, fairseq.checkpoint_utils as cu
@@ -86,25 +50,31 @@ print("fairseq_compat: ok (fairseq %s, torch %s)" % (__import__("fairseq").__ver
 """
 
 
+def _remove_bytecode(path):
+    cache = os.path.join(os.path.dirname(path), "__pycache__")
+    stem = os.path.basename(path)[:-3] + "."
+    for pyc in os.listdir(cache) if os.path.isdir(cache) else []:
+        if pyc.startswith(stem):
+            os.remove(os.path.join(cache, pyc))
+
+
 def main():
     root = fairseq_dir()
-    for rel, edit, landed in EDITS:
-        path = os.path.join(root, rel)
-        with open(path) as f:
-            text = f.read()
-        new = edit(text) if not landed(text) else text
-        if not landed(new):
-            sys.exit("fairseq_compat: edit of %s did not land (unexpected fairseq source?)" % path)
-        if new != text:
-            tmp = path + ".kdtmp"
-            with open(tmp, "w") as f:
-                f.write(new)
-            os.replace(tmp, path)
-            for pyc in os.listdir(os.path.join(os.path.dirname(path), "__pycache__")) if os.path.isdir(
-                    os.path.join(os.path.dirname(path), "__pycache__")) else []:
-                if pyc.startswith(os.path.basename(path)[:-3] + "."):
-                    os.remove(os.path.join(os.path.dirname(path), "__pycache__", pyc))
-            print("fairseq_compat: patched %s" % rel)
+    for fix in load_fixes().FIXES:
+        for rel, edit, landed in fix.edits:
+            path = os.path.join(root, rel)
+            with open(path) as f:
+                text = f.read()
+            new = edit(text) if not landed(text) else text
+            if not landed(new):
+                sys.exit("fairseq_compat: edit of %s did not land (unexpected fairseq source?)" % path)
+            if new != text:
+                tmp = path + ".kdtmp"
+                with open(tmp, "w") as f:
+                    f.write(new)
+                os.replace(tmp, path)
+                _remove_bytecode(path)
+                print("fairseq_compat: patched %s (%s)" % (rel, fix.name))
     r = subprocess.run([sys.executable, "-c", CHECK])
     if r.returncode != 0:
         sys.exit("fairseq_compat: verification failed (see above)")

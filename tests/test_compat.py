@@ -53,7 +53,7 @@ try:
     cu.torch.load(p); raise SystemExit("expected the stock weights_only failure")
 except Exception as e:
     assert "weights_only" in str(e) or "Namespace" in str(e), e
-import kd_plugin, kd_plugin.compat as c
+import kd_plugin, kd_plugin.fairseq_patches.fixes as c
 c.patch_checkpoint_load(); c.patch_encoder_fast_path(); c.patch_encoder_fast_path()   # idempotent
 assert cu.torch.load(p)["ns"].a == 1
 assert layer.can_use_fastpath is False and L(TransformerConfig()).can_use_fastpath is False
