@@ -101,9 +101,27 @@ def test_gate_dump_refuses_a_checkpoint_of_a_retired_mode(hybrid_checkpoint, dat
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1:] == ["kd-gate-dump: error: --path %s: --kd-gate sentence+global was removed from "
                                      "kd-plugin (last in commit %s, docs/MIX.md \"Retired modes\"): the learned gate "
-                                     "plus the global controller; no better than the learned gate alone"
-                                     % (old, LAST_COMMIT)]
+                                     "plus the global controller, removed without a measured run: it was built on "
+                                     "--kd-gate global, which ran to its bound" % (old, LAST_COMMIT)]
     assert not (tmp_path / "gate.tsv").exists()
+
+
+@pytest.mark.parametrize("argv,prog,flag", [(["--targets", "DISTILL"], "kd-dump-teacher", "--targets"),
+                                            (["merge", "--on-targets"], "kd-dump-teacher merge", "--on-targets")])
+def test_kd_dump_teacher_retired_flag_is_one_line_exit_2(data_bin, teacher, tmp_path, capsys, argv, prog, flag):
+    """The cache on teacher-decoded targets left with the --kd-mix rules (in-process): one line naming the flag,
+    the commit and what to use instead (the gold targets, --teacher-targets), exit status 2, nothing written."""
+    from kd_plugin.cli import dump_teacher
+
+    out = tmp_path / "cache"
+    rest = ["--out", out] if argv[0] == "merge" else ["--data", data_bin, "--path", teacher, "--out", out]
+    with pytest.raises(SystemExit) as e:
+        dump_teacher.cli_main(argv + [str(a) for a in rest])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("%s: error: %s was removed" % (prog, flag)), lines
+    assert LAST_COMMIT in lines[0] and "gold targets" in lines[0] and "--teacher-targets" in lines[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("cfg,named", [({"kd_gate": "global", "kd_mix": "gate"}, "--kd-gate global"),

@@ -234,6 +234,14 @@ def merge(args):
 
 
 def cli_main(argv=None):
+    import sys
+
+    from kd_plugin.retired import DUMP_TEACHER_FLAGS, check_flags
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = PROG + " merge" if argv[:1] == ["merge"] else PROG
+    # a retired flag (--targets, merge --on-targets): one line naming it, exit status 2, before any work
+    flags.run_cli(lambda a: check_flags(a, DUMP_TEACHER_FLAGS), argv, prog)
     flags.cli_dispatch(PROG, dump, get_parser, merge, get_merge_parser, argv)
 
 
