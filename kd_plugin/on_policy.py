@@ -22,7 +22,8 @@ from fairseq import search, utils
 from fairseq.data import data_utils
 from fairseq.sequence_generator import SequenceGenerator
 
-ON_POLICY = "on_policy"  # sample key: B bool, True for rows whose prefix is the student's own output
+from kd_plugin.needs import ON_POLICY
+
 
 
 def choose_rows(ids, share, seed, update):

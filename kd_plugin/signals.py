@@ -1,13 +1,13 @@
 r"""Teacher signals as the task hands them to the criterions, and their alignment with the student.
 
-``sample["teacher"]`` (token-level signal, aligned with ``sample["target"]``, B x T positions) is either
+``sample[TEACHER]`` (token-level signal, aligned with ``sample["target"]``, B x T positions) is either
     {"lprobs": B x T x V}       full teacher log-probabilities at T=1, or
     {"topk_lprobs": B x T x K, "topk_ids": B x T x K, "topk_rest": B x T}
                                 the teacher's K most likely tokens, sorted, with their T=1 log-probs (NOT
                                 renormalized), and log(1 - sum_k p_k), the log-mass outside them (-inf for K = V).
 Online teachers produce either form (top-K when the criterion asks for it); the offline cache produces
-the second (fp16 values, the rest clamped to the fp16 range). ``sample["teacher_target"]`` /
-``sample["teacher_net_input"]`` carry teacher-decoded targets.
+the second (fp16 values, the rest clamped to the fp16 range). ``sample[TEACHER_TARGET]`` /
+``sample[TEACHER_NET_INPUT]`` carry teacher-decoded targets. The keys are defined in kd_plugin.needs.
 
 Top-K KD compares two distributions over K+1 bins: the teacher's K ids and one bin for all other tokens,
     p = (p_1 .. p_K, p_rest),   p_rest = 1 - sum_k p_k      (teacher, T=1, as stored / computed)
@@ -29,9 +29,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-TEACHER = "teacher"
-TEACHER_TARGET = "teacher_target"
-TEACHER_NET_INPUT = "teacher_net_input"
 REST_FLOOR = float(torch.finfo(torch.float16).min)  # floor of the teacher's rest log-mass (the cache's range)
 _LOG_HALF = math.log(0.5)
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from fairseq.data import Dictionary
 from omegaconf import OmegaConf
 
-from kd_plugin.criterions.token_kd import TokenKDCriterion
-from kd_plugin.tasks.translation_kd import TranslationKDTask
+from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
+from kd_plugin.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
 from kd_plugin.selection import GlobalCEQueue, select_batch
 
 
@@ -153,9 +153,8 @@ def criterion(**kw):
     dictionary = Dictionary()
     for i in range(V - len(dictionary)):
         dictionary.add_symbol("w%d" % i)
-    task = TranslationKDTask.__new__(TranslationKDTask)  # no data: the criterion reads the dictionary only
-    task.tgt_dict = dictionary
-    return TokenKDCriterion(task, sentence_avg=False, label_smoothing=0.1, **kw)
+    task = TranslationKDTask(TranslationKDConfig(data="unused"), dictionary, dictionary)  # no data is read
+    return TokenKDCriterion(task, TokenKDConfig(sentence_avg=False, label_smoothing=0.1, **kw))
 
 
 def batch(seed=0):

@@ -15,6 +15,7 @@ encoder runs on 2B sentences instead of B.
 ``sample_size`` is the gate-weighted token count sum_x g n_gold(x) + (1 - g) n_teacher(x), so fixed:1
 equals token_kd and fixed:0 equals sentence_kd.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,12 +24,10 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.criterions.base import check_range
 from kd_plugin.criterions.sentence_kd import pad_right, teacher_target_sample
 from kd_plugin.criterions.token_kd import TokenKDConfig, TokenKDCriterion
 from kd_plugin.gate import BenefitTarget, FixedGate, build_gate, gate_loss
-from kd_plugin.needs import TeacherNeeds
-from kd_plugin.signals import TEACHER_TARGET
+from kd_plugin.needs import TEACHER_TARGET, TeacherNeeds
 
 
 @dataclass
@@ -36,39 +35,33 @@ class HybridKDConfig(TokenKDConfig):
     kd_gate: str = field(default="fixed:0.5", metadata={
         "help": "g(x): fixed:<w> (w in [0, 1]; 1 = token_kd, 0 = sentence_kd) or sentence (learned from the "
                 "student's encoder output, trained on the benefit target of kd_plugin.gate)"})
-    kd_gate_tau: float = field(default=1.0, metadata={"help": "--kd-gate sentence: temperature of the benefit target"})
-    kd_gate_weight: float = field(default=1.0, metadata={"help": "--kd-gate sentence: weight of the gate's BCE loss"})
+    kd_gate_tau: float = field(default=1.0, metadata={
+        "help": "--kd-gate sentence: temperature of the benefit target", "range": (0, math.inf), "lo_open": True})
+    kd_gate_weight: float = field(default=1.0, metadata={
+        "help": "--kd-gate sentence: weight of the gate's BCE loss", "range": (0, math.inf)})
     kd_gate_momentum: float = field(default=0.99, metadata={
-        "help": "--kd-gate sentence: momentum of the two losses' running means"})
-    kd_gate_hidden: int = field(default=64, metadata={"help": "--kd-gate sentence: hidden units of the gate"})
+        "help": "--kd-gate sentence: momentum of the two losses' running means", "range": (0, 1)})
+    kd_gate_hidden: int = field(default=64, metadata={
+        "help": "--kd-gate sentence: hidden units of the gate", "range": (1, math.inf)})
 
 
 @register_criterion("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(TokenKDCriterion):
 
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
-                 kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000,
-                 kd_gate="fixed:0.5", kd_gate_tau=1.0, kd_gate_weight=1.0, kd_gate_momentum=0.99, kd_gate_hidden=64):
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, kd_alpha,
-                         kd_temperature, kd_divergence, kd_js_beta, kd_skew_lambda, kd_topk, kd_select,
-                         kd_select_rate, kd_select_queue)
-        if ignore_prefix_size:
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
+        if cfg.ignore_prefix_size:
             raise KDConfigError("hybrid_kd does not support --ignore-prefix-size")
-        if getattr(getattr(task, "cfg", None), "left_pad_target", False):
+        if self.facts.left_pad_target:
             raise KDConfigError("hybrid_kd needs right-padded targets: drop --left-pad-target")
-        check_range("--kd-gate-tau", kd_gate_tau, 0, float("inf"), lo_open=True)
-        check_range("--kd-gate-momentum", kd_gate_momentum, 0, 1)
-        check_range("--kd-gate-weight", kd_gate_weight, 0, float("inf"))
-        check_range("--kd-gate-hidden", kd_gate_hidden, 1, float("inf"))
         try:
-            self.gate = build_gate(kd_gate, getattr(task, "student_dim", None), kd_gate_hidden)
+            self.gate = build_gate(cfg.kd_gate, self.facts.student_dim, cfg.kd_gate_hidden)
         except ValueError as e:
             raise KDConfigError(str(e)) from None
         self.learned = not isinstance(self.gate, FixedGate)
-        self.benefit = BenefitTarget(kd_gate_tau, kd_gate_momentum) if self.learned else None
-        self.gate_weight = kd_gate_weight
-        self.teacher_needs = TeacherNeeds(logits=True, targets=True, topk=kd_topk, gold_targets=True)
+        self.benefit = BenefitTarget(cfg.kd_gate_tau, cfg.kd_gate_momentum) if self.learned else None
+        self.gate_weight = cfg.kd_gate_weight
+        self.teacher_needs = TeacherNeeds(logits=True, targets=True, topk=cfg.kd_topk, gold_targets=True)
 
     def student_pass(self, model, sample, sent):
         """One forward of ``model`` on the gold and the teacher prefixes stacked into a 2B batch.

@@ -11,47 +11,46 @@ On-policy rows have no gold term: their targets are the student's own tokens. Ge
 ICLR 2024) with the share lambda per sentence instead of per batch; ImitKD (Lin et al., 2020) for NMT.
 Validation always uses the gold prefixes (its loss is token_kd's); lambda = 0 is token_kd exactly.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
 from fairseq.criterions import register_criterion
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.criterions.base import check_range
 from kd_plugin.criterions.token_kd import KDTermConfig, TokenKDCriterion
-from kd_plugin.needs import OnPolicy, TeacherNeeds
-from kd_plugin.on_policy import ON_POLICY
+from kd_plugin.needs import ON_POLICY, OnPolicy, TeacherNeeds
 
 
 @dataclass
 class OnPolicyKDConfig(KDTermConfig):
     on_policy_share: float = field(default=0.5, metadata={"help": (
         "lambda: share of training sentences (chosen per sentence and update) whose prefix is the student's own "
-        "output, in [0, 1]")})
+        "output, in [0, 1]"), "range": (0, 1)})
     on_policy_temperature: float = field(default=1.0, metadata={"help": (
-        "the student's decoding of its prefixes: 0 = greedy, > 0 = sampling at this temperature")})
+        "the student's decoding of its prefixes: 0 = greedy, > 0 = sampling at this temperature"),
+        "range": (0, math.inf)})
     on_policy_max_len_a: float = field(default=1.2, metadata={"help": (
-        "length cap of the student's prefixes: a * source length + b (as fairseq-generate's --max-len-a)")})
-    on_policy_max_len_b: int = field(default=10, metadata={"help": "b of the length cap (--max-len-b)"})
+        "length cap of the student's prefixes: a * source length + b (as fairseq-generate's --max-len-a)"),
+        "range": (0, math.inf)})
+    on_policy_max_len_b: int = field(default=10, metadata={
+        "help": "b of the length cap (--max-len-b)", "range": (1, math.inf)})
 
 
 @register_criterion("on_policy_kd", dataclass=OnPolicyKDConfig)
 class OnPolicyKDCriterion(TokenKDCriterion):
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5, kd_skew_lambda=0.1,
-                 kd_topk=0, on_policy_share=0.5, on_policy_temperature=1.0, on_policy_max_len_a=1.2,
-                 on_policy_max_len_b=10):
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, kd_alpha,
-                         kd_temperature, kd_divergence, kd_js_beta, kd_skew_lambda, kd_topk)
-        check_range("--on-policy-share", on_policy_share, 0, 1)
-        check_range("--on-policy-temperature", on_policy_temperature, 0, float("inf"))
-        check_range("--on-policy-max-len-a", on_policy_max_len_a, 0, float("inf"))
-        check_range("--on-policy-max-len-b", on_policy_max_len_b, 1, float("inf"))
-        if ignore_prefix_size > 0:
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
+        if cfg.ignore_prefix_size > 0:
             raise KDConfigError("--criterion on_policy_kd does not take --ignore-prefix-size (the student's own "
                                 "outputs carry no prefix tokens)")
         self.teacher_needs = TeacherNeeds(logits=True, topk=self.topk, on_policy=OnPolicy(
-            on_policy_share, on_policy_temperature, on_policy_max_len_a, on_policy_max_len_b))
+            cfg.on_policy_share, cfg.on_policy_temperature, cfg.on_policy_max_len_a, cfg.on_policy_max_len_b))
+
+    @staticmethod
+    def selection(cfg):
+        """No selective KD (the config, a KDTermConfig, has no --kd-select): every token gets the KD term."""
+        return "all", None, None
 
     def forward(self, model, sample, reduce=True):
         rows = sample.get(ON_POLICY)

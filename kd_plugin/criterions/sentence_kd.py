@@ -1,6 +1,6 @@
 r"""Criterion ``sentence_kd``: label-smoothed NLL on the teacher's beam-search output (Kim & Rush, 2016).
 
-    loss = sum_t LS-NLL(y^_t | y^_<t, x),   y^ = teacher-decoded target (sample["teacher_target"])
+    loss = sum_t LS-NLL(y^_t | y^_<t, x),   y^ = teacher-decoded target (sample[TEACHER_TARGET])
 
 With --kd-gold-mix p, each training sentence uses its gold target instead with probability p
 (sequence-level interpolation); p = 0 is pure sentence-level KD. Validation always uses y^.
@@ -11,15 +11,15 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
 
-from kd_plugin.criterions.base import KDCriterionBase, check_range
-from kd_plugin.needs import TeacherNeeds
-from kd_plugin.signals import TEACHER_NET_INPUT, TEACHER_TARGET
+from kd_plugin.criterions.base import KDCriterionBase
+from kd_plugin.needs import TEACHER_NET_INPUT, TEACHER_TARGET, TeacherNeeds
 
 
 @dataclass
 class SentenceKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     kd_gold_mix: float = field(default=0.0, metadata={
-        "help": "probability p of training a sentence on its gold target instead of the teacher's, in [0, 1]"})
+        "help": "probability p of training a sentence on its gold target instead of the teacher's, in [0, 1]",
+        "range": (0, 1)})
 
 
 def pad_right(x, width, pad):
@@ -48,13 +48,11 @@ def teacher_target_sample(sample, pad, use_gold=None):
 
 @register_criterion("sentence_kd", dataclass=SentenceKDConfig)
 class SentenceKDCriterion(KDCriterionBase):
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 kd_gold_mix=0.0):
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        check_range("--kd-gold-mix", kd_gold_mix, 0, 1)
-        self.gold_mix = kd_gold_mix
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
+        self.gold_mix = cfg.kd_gold_mix
         # gold targets are trained on only with --kd-gold-mix > 0 (batching counts them then)
-        self.teacher_needs = TeacherNeeds(targets=True, gold_targets=kd_gold_mix > 0)
+        self.teacher_needs = TeacherNeeds(targets=True, gold_targets=cfg.kd_gold_mix > 0)
 
     def sentence_sample(self, sample):
         self.require(sample, TEACHER_TARGET)

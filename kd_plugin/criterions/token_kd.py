@@ -9,6 +9,7 @@ K+1 bins: the teacher's K ids (the student's full softmax there) and the mass ou
 bins (kd_plugin.signals).
 alpha = 0 reproduces label_smoothed_cross_entropy exactly.
 """
+import math
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
@@ -19,23 +20,26 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.dataclass import ChoiceEnum
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.criterions.base import KDCriterionBase, check_range
+from kd_plugin.criterions.base import KDCriterionBase
 from kd_plugin.divergences import DIVERGENCES, full_vocab_divergence, get_divergence
-from kd_plugin.needs import TeacherNeeds
+from kd_plugin.needs import TEACHER, TeacherNeeds
 from kd_plugin.selection import GlobalCEQueue, select_batch
-from kd_plugin.signals import TEACHER, aligned_log_probs, signal_topk
+from kd_plugin.signals import aligned_log_probs, signal_topk
 
 
 @dataclass
 class KDTermConfig(LabelSmoothedCrossEntropyCriterionConfig):
     """The token-level KD term's flags (token_kd's without selective KD; on_policy_kd's)."""
 
-    kd_alpha: float = field(default=0.5, metadata={"help": "weight of the KD term, in [0, 1]"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature T > 0 (loss scaled by T^2)"})
+    kd_alpha: float = field(default=0.5, metadata={"help": "weight of the KD term, in [0, 1]", "range": (0, 1)})
+    kd_temperature: float = field(default=1.0, metadata={
+        "help": "softmax temperature T > 0 (loss scaled by T^2)", "range": (0, math.inf), "lo_open": True})
     kd_divergence: ChoiceEnum(list(DIVERGENCES)) = field(
         default="forward_kl", metadata={"help": "divergence D(teacher || student)"})
-    kd_js_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JS divergence, in [0, 1]"})
-    kd_skew_lambda: float = field(default=0.1, metadata={"help": "lambda of the skew KL divergences, in [0, 1]"})
+    kd_js_beta: float = field(default=0.5, metadata={
+        "help": "beta of the generalized JS divergence, in [0, 1]", "range": (0, 1)})
+    kd_skew_lambda: float = field(default=0.1, metadata={
+        "help": "lambda of the skew KL divergences, in [0, 1]", "range": (0, 1)})
     kd_topk: int = field(default=0, metadata={"help": (
         "KD over K+1 bins: the teacher's top-K tokens and the mass outside them, for teacher and student "
         "(student: its full softmax at the K ids); temperature tempers the bins (exact at T=1 and for K=V, "
@@ -46,32 +50,31 @@ class KDTermConfig(LabelSmoothedCrossEntropyCriterionConfig):
 class TokenKDConfig(KDTermConfig):
     kd_select: ChoiceEnum(["all", "batch", "global"]) = field(
         default="all", metadata={"help": "selective KD: tokens with the highest student CE get KD"})
-    kd_select_rate: float = field(default=0.5, metadata={"help": "fraction r of tokens selected, in (0, 1]"})
-    kd_select_queue: int = field(default=30000, metadata={"help": "size of the global CE queue (--kd-select global)"})
+    kd_select_rate: float = field(default=0.5, metadata={
+        "help": "fraction r of tokens selected, in (0, 1]", "range": (0, 1), "lo_open": True})
+    kd_select_queue: int = field(default=30000, metadata={
+        "help": "size of the global CE queue (--kd-select global)", "range": (1, math.inf)})
 
 
 @register_criterion("token_kd", dataclass=TokenKDConfig)
 class TokenKDCriterion(KDCriterionBase):
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 kd_alpha=0.5, kd_temperature=1.0, kd_divergence="forward_kl", kd_js_beta=0.5,
-                 kd_skew_lambda=0.1, kd_topk=0, kd_select="all", kd_select_rate=0.5, kd_select_queue=30000):
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        check_range("--kd-alpha", kd_alpha, 0, 1)
-        check_range("--kd-temperature", kd_temperature, 0, float("inf"), lo_open=True)
-        check_range("--kd-js-beta", kd_js_beta, 0, 1)
-        check_range("--kd-skew-lambda", kd_skew_lambda, 0, 1)
-        check_range("--kd-select-rate", kd_select_rate, 0, 1, lo_open=True)
-        check_range("--kd-select-queue", kd_select_queue, 1, float("inf"))
+    def __init__(self, task, cfg):
+        super().__init__(task, cfg)
         vocab = len(task.target_dictionary)
-        if not 0 <= kd_topk <= vocab:
-            raise KDConfigError("--kd-topk must be in [0, %d] (the target vocabulary); got %d" % (vocab, kd_topk))
-        self.alpha, self.temperature = kd_alpha, kd_temperature
-        self.divergence = get_divergence(str(kd_divergence))
-        self.div_kwargs = {"js_beta": kd_js_beta, "skew_lambda": kd_skew_lambda}
-        self.topk = kd_topk
-        self.teacher_needs = TeacherNeeds(logits=True, topk=kd_topk)
-        self.select_mode, self.select_rate = str(kd_select), kd_select_rate
-        self.ce_queue = GlobalCEQueue(kd_select_queue) if self.select_mode == "global" else None
+        if not 0 <= cfg.kd_topk <= vocab:
+            raise KDConfigError("--kd-topk must be in [0, %d] (the target vocabulary); got %d" % (vocab, cfg.kd_topk))
+        self.alpha, self.temperature = cfg.kd_alpha, cfg.kd_temperature
+        self.divergence = get_divergence(str(cfg.kd_divergence))
+        self.div_kwargs = {"js_beta": cfg.kd_js_beta, "skew_lambda": cfg.kd_skew_lambda}
+        self.topk = cfg.kd_topk
+        self.teacher_needs = TeacherNeeds(logits=True, topk=cfg.kd_topk)
+        self.select_mode, self.select_rate, self.ce_queue = self.selection(cfg)
+
+    @staticmethod
+    def selection(cfg):
+        """(mode, rate, global CE queue or None) of selective KD, from the --kd-select flags."""
+        mode = str(cfg.kd_select)
+        return mode, cfg.kd_select_rate, GlobalCEQueue(cfg.kd_select_queue) if mode == "global" else None
 
     def select(self, ce):
         """Selective-KD mask over the N target tokens, from their student cross-entropies ``ce``."""

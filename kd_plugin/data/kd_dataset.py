@@ -14,7 +14,7 @@ import numpy as np
 from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
-from kd_plugin.signals import TEACHER, TEACHER_NET_INPUT, TEACHER_TARGET
+from kd_plugin.needs import TEACHER, TEACHER_NET_INPUT, TEACHER_TARGET
 
 
 class NeedsRef:
@@ -76,7 +76,6 @@ class TeacherTargets:
             "prev_output_tokens": data_utils.collate_tokens(
                 items, pad, eos, self.left_pad, move_eos_to_beginning=True)
         }
-        sample["teacher_ntokens"] = sum(len(t) for t in items)
 
 
 class KDLanguagePairDataset(BaseWrapperDataset):

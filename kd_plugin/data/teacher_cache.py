@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from kd_plugin.checks import KDConfigError, check_finite, dictionary_checksum
-from kd_plugin.signals import TEACHER, topk_signal
+from kd_plugin.needs import TEACHER
+from kd_plugin.signals import topk_signal
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Task ``translation_kd``: fairseq's translation task plus the teacher's signals in every sample.
 
-Signals (documented keys, see kd_plugin.signals):
+Signals (the keys of kd_plugin.needs, the forms of kd_plugin.signals):
   sample["teacher"]            token-level teacher log-probs on the batch's prefixes: online from
                                ``--teacher-path`` (run in train_step/valid_step) or read from ``--teacher-cache``;
   sample["teacher_target"]     teacher-decoded targets from ``--teacher-targets`` (kd-distill-corpus output),
@@ -8,7 +8,8 @@ Signals (documented keys, see kd_plugin.signals):
   sample["on_policy"]          (training, criteria that need it) the rows whose target and prefix are the
                                student's own output (kd_plugin.on_policy), scored by the online teacher.
 The criterion declares what it needs in ``criterion.teacher_needs`` (kd_plugin.needs.TeacherNeeds); the task
-reads it once in ``build_criterion``, checks the command line against it, and serves exactly that.
+reads it once in ``build_criterion``, checks the command line against it, and serves exactly that. In return
+the criterion reads ``kd_task_facts()`` (kd_plugin.needs.TaskFacts) once, when it is built.
 """
 import logging
 import os
@@ -22,8 +23,8 @@ from omegaconf import II
 
 from kd_plugin.checks import KDConfigError
 from kd_plugin.data.kd_dataset import KDLanguagePairDataset, NeedsRef, load_teacher_targets, teacher_targets_prefix
+from kd_plugin.needs import TEACHER, TaskFacts, TeacherNeeds
 from kd_plugin.on_policy import with_student_prefixes
-from kd_plugin.signals import TEACHER
 from kd_plugin.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class TranslationKDTask(TranslationTask):
         for flag in ("--teacher-targets", "--teacher-cache"):
             self.teacher_dirs(flag)  # refuse a teacher directory list that does not match DATA at start-up
         self.teacher = None
-        self.student_dim = None
+        self._student_dim = None  # the encoder output dimension of the model built last (kd_task_facts)
         self.needs = NeedsRef()  # the criterion's TeacherNeeds, once build_criterion has read it
 
     def teacher_dirs(self, flag):
@@ -103,8 +104,12 @@ class TranslationKDTask(TranslationTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        self.student_dim = getattr(cfg, "encoder_embed_dim", None)
+        self._student_dim = getattr(cfg, "encoder_embed_dim", None)
         return model
+
+    def kd_task_facts(self):
+        """What a KD criterion reads from this task (kd_plugin.needs), once, when it is built."""
+        return TaskFacts(student_dim=self._student_dim, left_pad_target=bool(self.cfg.left_pad_target))
 
     def build_criterion(self, cfg):
         """Build the criterion, read its TeacherNeeds once and check that this command line can serve them."""
@@ -112,8 +117,6 @@ class TranslationKDTask(TranslationTask):
         needs = getattr(criterion, "teacher_needs", None)
         name = getattr(cfg, "_name", type(criterion).__name__)
         if needs is None:  # a stock criterion (e.g. label_smoothed_cross_entropy): no teacher signal
-            from kd_plugin.needs import TeacherNeeds
-
             needs = TeacherNeeds()
         if needs.logits and not (self.cfg.teacher_path or self.cfg.teacher_cache):
             raise KDConfigError("criterion %s needs teacher logits: pass --teacher-path (online teacher) or "
