@@ -46,7 +46,7 @@ def variant_corpus(root, side):
             f.write("\n".join(lines) + "\n")
     preprocess(text, os.path.join(root, "bin"))
     save = os.path.join(root, "teacher")
-    # stock fairseq-train (no --user-dir, so without kd_plugin.compat's clean shutdown of the prefetch thread)
+    # stock fairseq-train (no --user-dir, so without kd_plugin.fairseq_patches' clean shutdown of the prefetch thread)
     # stopping right after an update may abort at exit (status 134); --data-buffer-size 0: no such thread
     train(os.path.join(root, "bin"), save, "--criterion", "cross_entropy", "--disable-validation",
           "--data-buffer-size", "0", max_update=20)

@@ -55,19 +55,18 @@ import shutil
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 from fairseq import utils
 from fairseq.data.indexed_dataset import (MMapIndexedDataset, MMapIndexedDatasetBuilder, best_fitting_int_dtype,
                                           data_file_path, index_file_path)
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
-from kd_plugin.cli import ct2_engine, fairseq_io, flags, nbest, outputs
+from kd_plugin.cli import ct2_engine, distill_text, fairseq_io, flags, nbest, outputs
+from kd_plugin.cli.fairseq_io import CORPUS_SUFFIXES
 from kd_plugin.data.kd_dataset import teacher_targets_prefix
 
 logger = logging.getLogger("kd_plugin.cli.distill_corpus")
 
 PROG = "kd-distill-corpus"
-SUFFIXES = (".json", ".txt", ".bin", ".idx")  # .idx last: it commits the dataset
 # metadata that may differ between shards of one run (e.g. made on machines with other mount points)
 NOT_COMPARED = outputs.SHARD_KEYS + ("data", "teacher_paths")
 
@@ -177,18 +176,6 @@ def decode(decoder, itr, selector, pad, hyps, progress):
     progress.finish()
 
 
-def write_output(prefix, seqs, dictionary, dtype, meta):
-    """``prefix``.bin/.idx (indexed dataset), .txt (one line per sentence) and .json (``meta``)."""
-    builder = MMapIndexedDatasetBuilder(data_file_path(prefix), dtype=dtype)
-    with open(prefix + ".txt", "w", encoding="utf-8") as txt:
-        for s in seqs:
-            tokens = torch.from_numpy(s.astype(np.int64))
-            builder.add_item(tokens)
-            txt.write(dictionary.string(tokens) + "\n")
-    builder.finalize(index_file_path(prefix))
-    outputs.write_json(prefix + ".json", meta)
-
-
 def check_generation_args(args, dataset):
     if args.nbest > args.beam:
         raise KDConfigError("--nbest %d exceeds --beam %d" % (args.nbest, args.beam))
@@ -226,7 +213,7 @@ def distill(args):
     prefix = teacher_targets_prefix(args.out, args.split, src, tgt)
     if args.num_shards > 1:
         prefix = outputs.shard_prefix(prefix, args.shard_id, args.num_shards)
-    out = outputs.AtomicOutput(prefix, SUFFIXES, args.overwrite)  # refuses existing output before any work
+    out = outputs.AtomicOutput(prefix, CORPUS_SUFFIXES, args.overwrite)  # refuses existing output before any work
 
     cuda = flags.use_cuda(args) and args.engine == "fairseq"
     models, paths = fairseq_io.load_ensemble(args.path, task, cuda=cuda)
@@ -257,8 +244,8 @@ def distill(args):
     decode(decoder, itr, nbest.Selector(args.select, tgt_dict, args.remove_bpe), tgt_dict.pad(), hyps,
            fairseq_io.Progress(args.split, hi - lo, args.log_interval))
     with out:
-        write_output(out.tmp_prefix, hyps, tgt_dict, dtype, meta)
-    logger.info("wrote %s{%s}", prefix, ",".join(SUFFIXES))
+        fairseq_io.write_corpus(out.tmp_prefix, hyps, tgt_dict, dtype, meta)
+    logger.info("wrote %s{%s}", prefix, ",".join(CORPUS_SUFFIXES))
 
 
 def _count_lines(path):
@@ -276,7 +263,7 @@ def merge(args):
         accept = re.compile(r"^%s\.[^.]+-[^.]+\.[^.]+$" % re.escape(args.split)).match
     name, prefixes = outputs.find_shards(args.out, accept)
     for p in prefixes:
-        for suffix in SUFFIXES:
+        for suffix in CORPUS_SUFFIXES:
             if not os.path.isfile(p + suffix):
                 raise KDConfigError("incomplete shard, no %s" % (p + suffix))
     metas = [outputs.read_json(p + ".json") for p in prefixes]
@@ -289,7 +276,7 @@ def merge(args):
         if index.dtype != indexes[0].dtype:
             raise KDConfigError("%s.idx stores %s, %s.idx stores %s"
                                 % (p, np.dtype(index.dtype), prefixes[0], np.dtype(indexes[0].dtype)))
-    out = outputs.AtomicOutput(os.path.join(args.out, name), SUFFIXES, args.overwrite)
+    out = outputs.AtomicOutput(os.path.join(args.out, name), CORPUS_SUFFIXES, args.overwrite)
     with out:
         builder = MMapIndexedDatasetBuilder(data_file_path(out.tmp_prefix), dtype=indexes[0].dtype)
         with open(out.tmp_prefix + ".txt", "wb") as txt:
@@ -300,7 +287,7 @@ def merge(args):
         builder.finalize(index_file_path(out.tmp_prefix))
         outputs.write_json(out.tmp_prefix + ".json", meta)
     logger.info("merged %d shards (%d sentences) into %s{%s}", len(prefixes), meta["count"], out.prefix,
-                ",".join(SUFFIXES))
+                ",".join(CORPUS_SUFFIXES))
 
 
 def cli_main(argv=None):
@@ -308,8 +295,6 @@ def cli_main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["from-text"]:
-        from kd_plugin.cli import distill_text
-
         prog = PROG + " from-text"
         return flags.run_cli(distill_text.run, distill_text.get_parser(prog).parse_args(argv[1:]), prog)
     flags.cli_dispatch(PROG, distill, get_parser, merge, get_merge_parser, argv)

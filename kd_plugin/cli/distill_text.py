@@ -27,6 +27,7 @@ from fairseq.data.indexed_dataset import best_fitting_int_dtype
 
 from kd_plugin.checks import KDConfigError, dictionary_checksum
 from kd_plugin.cli import fairseq_io, flags, outputs
+from kd_plugin.cli.fairseq_io import CORPUS_SUFFIXES
 from kd_plugin.data.kd_dataset import teacher_targets_prefix
 
 logger = logging.getLogger("kd_plugin.cli.distill_text")
@@ -84,15 +85,13 @@ def to_pieces(lines, spm_path):
 
 
 def run(args):
-    from kd_plugin.cli.distill_corpus import SUFFIXES, write_output
-
     if not 0 <= args.max_empty_share <= 1:
         raise KDConfigError("--max-empty-share must be in [0, 1], got %s" % args.max_empty_share)
     task = fairseq_io.setup_task(fairseq_io.fairseq_config(args.data, args.source_lang, args.target_lang))
     src, tgt, tgt_dict = task.cfg.source_lang, task.cfg.target_lang, task.target_dictionary
     n = len(fairseq_io.load_split(task, args.split))
     prefix = teacher_targets_prefix(args.out, args.split, src, tgt)
-    out = outputs.AtomicOutput(prefix, SUFFIXES, args.overwrite)  # refuses existing output before any work
+    out = outputs.AtomicOutput(prefix, CORPUS_SUFFIXES, args.overwrite)  # refuses existing output before any work
     lines = read_lines(args.text, n)
     empty = sum(1 for line in lines if not line.strip())
     if empty > args.max_empty_share * n:
@@ -112,6 +111,6 @@ def run(args):
     }
     dtype = best_fitting_int_dtype(len(tgt_dict))
     with out:
-        write_output(out.tmp_prefix, [np.asarray(s) for s in seqs], tgt_dict, dtype, meta)
-    logger.info("wrote %s{%s}: %d sentences, %d tokens, %d <unk>, %d empty", prefix, ",".join(SUFFIXES), n,
+        fairseq_io.write_corpus(out.tmp_prefix, [np.asarray(s) for s in seqs], tgt_dict, dtype, meta)
+    logger.info("wrote %s{%s}: %d sentences, %d tokens, %d <unk>, %d empty", prefix, ",".join(CORPUS_SUFFIXES), n,
                 meta["tokens"], unk, empty)

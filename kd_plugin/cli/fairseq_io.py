@@ -8,17 +8,23 @@
 * :func:`shard_range`, :func:`batch_iterator` -- shard I of N is the contiguous index range
   ``[floor(n I / N), floor(n (I+1) / N))`` of the split, batched by fairseq (length-sorted, fixed order);
   :class:`Progress` logs the rate.
+* :func:`write_corpus` -- a teacher-decoded corpus (kd-distill-corpus, from the teacher or from text) written
+  as fairseq-preprocess writes a split, with its .txt and .json (:data:`CORPUS_SUFFIXES`).
 """
 import hashlib
 import logging
 import os
 import time
 
+import numpy as np
+import torch
 from fairseq import options, tasks, utils
 from fairseq.data import BaseWrapperDataset, data_utils
+from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_file_path
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from kd_plugin.checks import KDConfigError
+from kd_plugin.cli import outputs
 from kd_plugin.teacher import load_members
 
 logger = logging.getLogger("kd_plugin.cli")
@@ -146,3 +152,18 @@ class Progress:
     def finish(self):
         elapsed = time.perf_counter() - self.start
         logger.info("%s: %d sentences in %.1f s (%.1f sents/s)", self.what, self.done, elapsed, self.rate)
+
+
+CORPUS_SUFFIXES = (".json", ".txt", ".bin", ".idx")  # .idx last: it commits the dataset
+
+
+def write_corpus(prefix, seqs, dictionary, dtype, meta):
+    """``prefix``.bin/.idx (indexed dataset), .txt (one line per sentence) and .json (``meta``)."""
+    builder = MMapIndexedDatasetBuilder(data_file_path(prefix), dtype=dtype)
+    with open(prefix + ".txt", "w", encoding="utf-8") as txt:
+        for s in seqs:
+            tokens = torch.from_numpy(s.astype(np.int64))
+            builder.add_item(tokens)
+            txt.write(dictionary.string(tokens) + "\n")
+    builder.finalize(index_file_path(prefix))
+    outputs.write_json(prefix + ".json", meta)
