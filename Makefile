@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kd-setup-done
-SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py kd_plugin/fairseq_patches/fixes.py
+SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py
 
 .PHONY: setup test test-fast demo demo-quick teacher study study-quick bench gpu-bundle gpu-check clean
 setup: $(STAMP)
@@ -43,8 +43,9 @@ study: setup
 study-quick: setup
 	$(VPY) examples/study.py --quick $(STUDY_ARGS)
 
+# the benchmark imports the examples' library (examples/kdexp: the demo's sizes, steps and configurations)
 bench: setup
-	$(VPY) benchmarks/bench_kd.py $(BENCH_ARGS)
+	PYTHONPATH=examples $(VPY) benchmarks/bench_kd.py $(BENCH_ARGS)
 
 # GPU check (docs/GPU.md): gpu-bundle downloads, here, what the offline GPU machine lacks (GPU_PYVER=3.12);
 # gpu-check runs there, in the repository root (the device tool's command: bash scripts/gpu_check.sh)

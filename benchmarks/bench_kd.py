@@ -22,8 +22,8 @@ tokens over the child's CPU time between those lines (robust to waiting for a sh
 ru_maxrss of that child alone (os.wait4). Reported as ratios to the plain run of the same round (median,
 min-max). Online-teacher runs are compared to FLOPs floors (:func:`floors`). A loss-level probe (:func:`probe`)
 measures the extra peak memory of each loss in units of one (tokens x vocab) fp32 tensor.
-Every configuration (CONFIGS) and probe (PROBES) spells out every flag of its criterion: no measurement depends
-on a criterion default.
+Every configuration and probe (kdexp/configs.py's BENCH and PROBES) spells out every flag of its criterion: no
+measurement depends on a criterion default.
 Results: a markdown section written between the BEGIN/END markers of --output (docs/PERFORMANCE.md); the raw
 numbers in WORK/results.json (each run with its full fairseq-train command, train_cmd), every run's log in
 WORK/logs.
@@ -41,64 +41,23 @@ import sys
 import time
 from types import SimpleNamespace
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import demo  # noqa: E402  (the demo's model sizes, beam and pipeline steps)
-import demo_report  # noqa: E402  (the machine description)
+try:  # the examples' library: make bench runs with PYTHONPATH=examples
+    from kdexp import report as demo_report
+    from kdexp.configs import BENCH as CONFIGS, PROBES, ConfigError
+    from kdexp.options import DEFAULTS
+    from kdexp.pipeline import REPO, Pipeline, StepFailed, tool, write_lines
+    from kdexp.recipes import MAX_LEN, model_args
+except ModuleNotFoundError as e:
+    if e.name != "kdexp":
+        raise
+    sys.exit("bench_kd: the examples' library kdexp is not importable: run `make bench` or "
+             "PYTHONPATH=examples %s benchmarks/bench_kd.py" % os.path.relpath(sys.executable))
 
 USER_DIR = os.path.join(REPO, "kd_plugin")
 DEMO_WORK = os.path.join(REPO, "work", "demo")
 BEGIN, END = "<!-- bench_kd.py: BEGIN (generated, do not edit) -->", "<!-- bench_kd.py: END -->"
 
-# configuration -> (label, extra fairseq-train args formatted with {user_dir} {teacher} {cache} {topk}); every
-# flag of each criterion is spelled out, so that no measurement depends on a criterion default
-KD = ["--user-dir", "{user_dir}", "--task", "translation_kd"]
-LS = ["--label-smoothing", "0.1"]
-
-
-def kd_term_flags(topk):
-    """The KD term's flags (on_policy_kd's): forward KL at T = 1, alpha 1/2."""
-    return ["--kd-alpha", "0.5", "--kd-temperature", "1", "--kd-divergence", "forward_kl", "--kd-js-beta", "0.5",
-            "--kd-skew-lambda", "0.1", "--kd-topk", topk]
-
-
-def token_flags(topk):
-    """token_kd's flags (also hybrid_kd's token-level half): the KD term on every token."""
-    return kd_term_flags(topk) + ["--kd-select", "all", "--kd-select-rate", "0.5", "--kd-select-queue", "30000"]
-
-
-def on_policy_flags(share):
-    """on_policy_kd: the student's own sampled outputs (T = 1, the demo's length cap) for a share of sentences."""
-    return ["--criterion", "on_policy_kd"] + kd_term_flags("0") + [
-        "--on-policy-share", share, "--on-policy-temperature", "1", "--on-policy-max-len-a", "1.2",
-        "--on-policy-max-len-b", "10"]
-
-
-# hybrid_kd's weight g(x) fixed at 1/2 (the learned gate's settings given too, unused by a fixed gate)
-HYBRID_GATE = ["--kd-gate", "fixed:0.5", "--kd-gate-tau", "1", "--kd-gate-weight", "1", "--kd-gate-momentum", "0.99",
-               "--kd-gate-hidden", "64"]
-CONFIGS = {
-    "plain": ("plain label_smoothed_cross_entropy",
-              ["--task", "translation", "--criterion", "label_smoothed_cross_entropy"] + LS),
-    "token-online-full": ("token_kd, online teacher, full vocab",
-                          KD + ["--teacher-path", "{teacher}", "--criterion", "token_kd"] + token_flags("0") + LS),
-    "token-online-topk": ("token_kd, online teacher, top-K",
-                          KD + ["--teacher-path", "{teacher}", "--criterion", "token_kd"] + token_flags("{topk}") + LS),
-    "token-cache": ("token_kd, cached top-K",
-                    KD + ["--teacher-cache", "{cache}", "--criterion", "token_kd"] + token_flags("{topk}") + LS),
-    "sentence": ("sentence_kd", KD + ["--teacher-targets", "{cache}", "--criterion", "sentence_kd",
-                                      "--kd-gold-mix", "0"] + LS),
-    "hybrid-online-full": ("hybrid_kd, online teacher, full vocab",
-                           KD + ["--teacher-path", "{teacher}", "--teacher-targets", "{cache}",
-                                 "--criterion", "hybrid_kd"] + token_flags("0") + HYBRID_GATE + LS),
-    "hybrid-cache": ("hybrid_kd, cached top-K + targets",
-                     KD + ["--teacher-cache", "{cache}", "--criterion", "hybrid_kd"] + token_flags("{topk}")
-                     + HYBRID_GATE + LS),
-    "on-policy-half": ("on_policy_kd, online teacher, full vocab, share 0.5 sampled",
-                       KD + ["--teacher-path", "{teacher}"] + on_policy_flags("0.5") + LS),
-    "on-policy-all": ("on_policy_kd, online teacher, full vocab, share 1 sampled",
-                      KD + ["--teacher-path", "{teacher}"] + on_policy_flags("1") + LS),
-}
+LS = ["--label-smoothing", "0.1"]  # the benchmark's own teacher (the demo's teacher criterion)
 # targets: configuration prefix -> (minimum words/s ratio, multiplied by the FLOPs floor?)
 SPEED_TARGETS = {"sentence": (0.97, False), "token-cache": (0.90, False),
                  "token-online": (0.90, True), "hybrid-online": (0.85, True)}
@@ -310,8 +269,8 @@ def measured_tokens(log_path, warmup):
 
 def train_cmd(a, data, criterion_args, max_update, role="student", extra=()):
     """fairseq-train: the demo's architecture of ``role`` and optimizer, the benchmark's batches and logging."""
-    return [demo.tool("fairseq-train"), data, "--source-lang", a.src, "--target-lang", a.tgt] \
-        + [str(x) for x in demo.model_args(a, role)] + list(criterion_args) + [
+    return [tool("fairseq-train"), data, "--source-lang", a.src, "--target-lang", a.tgt] \
+        + [str(x) for x in model_args(a, role)] + list(criterion_args) + [
         "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
         "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.demo_warmup),
         "--warmup-init-lr", "1e-07",
@@ -323,7 +282,7 @@ def train_cmd(a, data, criterion_args, max_update, role="student", extra=()):
 def config_args(a, name, paths):
     """The criterion/task flags of configuration ``name``, placeholders filled from ``paths``."""
     fields = dict(paths, user_dir=paths.get("user_dir", USER_DIR), topk=a.topk)
-    return [x.format(**fields) for x in CONFIGS[name][1]]
+    return [x.format(**fields) for x in CONFIGS[name][1].flags()]
 
 
 def config_cmd(a, name, paths):
@@ -334,7 +293,7 @@ def config_cmd(a, name, paths):
 # ---------------------------------------------------------------------------------------------- preparation
 
 
-class Prep(demo.Pipeline):
+class Prep(Pipeline):
     """The demo's cached steps, but a step made with other arguments (or after a redone step) is redone."""
 
     redo = False
@@ -377,7 +336,7 @@ def prepare(a, p):
     if teacher:
         teacher = os.path.abspath(teacher)
         p.step("teacher", lambda: None, ["given", teacher, os.path.getmtime(teacher)])
-        a.decoding = ["--beam", str(a.distill_beam), "--max-tokens", "4000"] + demo.MAX_LEN
+        a.decoding = ["--beam", str(a.distill_beam), "--max-tokens", "4000"] + MAX_LEN
     else:
         teacher = p.path("teacher", "checkpoint_last.pt")
         cmd = train_cmd(a, data, ["--task", "translation", "--criterion", "label_smoothed_cross_entropy"] + LS,
@@ -390,25 +349,12 @@ def prepare(a, p):
     cache = p.path("cache")
     for split in ("train", "valid"):
         common = ["--data", data, "--path", teacher, "--split", split, "--out", cache, "--overwrite"]
-        p.run("dump-" + split, [demo.tool("kd-dump-teacher")] + common + ["--topk", a.topk, "--max-tokens", 4000])
-        p.run("distill-" + split, [demo.tool("kd-distill-corpus")] + common + a.decoding)
+        p.run("dump-" + split, [tool("kd-dump-teacher")] + common + ["--topk", a.topk, "--max-tokens", 4000])
+        p.run("distill-" + split, [tool("kd-distill-corpus")] + common + a.decoding)
     return {"data": data, "teacher": teacher, "cache": cache}
 
 
 # ---------------------------------------------------------------------------------------------- loss probe
-
-# probe -> (label, TokenKDCriterion keywords or None for fairseq's label-smoothed CE alone); every keyword of the
-# criterion is given (PROBE_TOKEN_KD, overridden per probe; kd_topk None = --topk), none left to its default
-PROBE_TOKEN_KD = {"label_smoothing": 0.1, "kd_alpha": 0.5, "kd_temperature": 1.0, "kd_divergence": "forward_kl",
-                  "kd_js_beta": 0.5, "kd_skew_lambda": 0.1, "kd_topk": 0, "kd_select": "all", "kd_select_rate": 0.5,
-                  "kd_select_queue": 30000}
-PROBES = {
-    "ls-ce": ("label_smoothed_cross_entropy (fairseq)", None),
-    "token-full": ("token_kd, forward_kl, full vocab", PROBE_TOKEN_KD),
-    "token-topk": ("token_kd, forward_kl, top-K", dict(PROBE_TOKEN_KD, kd_topk=None)),
-    "token-js-full": ("token_kd, js, full vocab (generic path)", dict(PROBE_TOKEN_KD, kd_divergence="js")),
-}
-
 
 def _rss(field):
     with open("/proc/self/status") as f:
@@ -423,6 +369,7 @@ def probe(name, tokens, vocab, topk):
     """
     import torch
     import torch.nn.functional as F
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
     from fairseq.data import Dictionary
 
@@ -440,9 +387,11 @@ def probe(name, tokens, vocab, topk):
     model = SimpleNamespace(get_normalized_probs=lambda out, log_probs: F.log_softmax(out[0].float(), -1),
                             get_targets=lambda sample, out: sample["target"])
     kw = PROBES[name][1]
-    crit = None if kw is None else TokenKDCriterion(  # the real task class (no data, no teacher: never loaded)
-        TranslationKDTask(TranslationKDConfig(data="unused"), d, d), sentence_avg=False,
-        **{k: topk if v is None else v for k, v in kw.items()})
+    # built as fairseq builds it, from its config (every field given), with the real task class (no data, no
+    # teacher: never loaded)
+    crit = None if kw is None else TokenKDCriterion.build_criterion(CRITERION_DATACLASS_REGISTRY["token_kd"](
+        sentence_avg=False, **{k: topk if v is None else v for k, v in kw.items()}),
+        TranslationKDTask(TranslationKDConfig(data="unused"), d, d))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
     base = _rss("VmRSS")
@@ -575,7 +524,7 @@ def write_report(path, section):
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    demo.write_lines(path, (head + section + tail).rstrip("\n").split("\n"))
+    write_lines(path, (head + section + tail).rstrip("\n").split("\n"))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -607,7 +556,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "PERFORMANCE.md"))
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run one loss probe and print its result
     a = parser.parse_args(argv)
-    for key, values in demo.DEFAULTS.items():  # the demo's (full mode) model sizes, warm-up and beam
+    for key, values in DEFAULTS.items():  # the demo's (full mode) model sizes, warm-up and beam
         if key.startswith(("teacher_", "student_")) or key in ("warmup", "distill_beam"):
             setattr(a, "demo_" + key if key == "warmup" else key, values[0])
     a.configs = [c for c in a.configs.split(",") if c]
@@ -629,7 +578,7 @@ def main(argv=None):
     env = p.env
     try:
         paths = prepare(a, p)
-    except demo.StepFailed as e:
+    except (StepFailed, ConfigError) as e:
         sys.exit("bench_kd: %s" % e)
     stats = corpus_stats(paths["data"], paths["cache"])
     fl = floors(a, stats)

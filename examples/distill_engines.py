@@ -15,11 +15,11 @@ teacher are built if missing, reused otherwise), then:
    Seq-Inter over the 5-best by sentence BLEU), each as ``--distill-shards`` single-thread shards in parallel,
    merged; wall seconds recorded; identical training lines against the fairseq corpus.
 3. Students: sentence_kd on each corpus (every criterion flag spelled out), ``--seeds`` seeds, ``--epochs``
-   epochs, the demo's student (examples/compare_mix.py's train_and_score: stock fairseq-generate, beam 5).
+   epochs, the demo's student (kdexp/mix.py's train_and_score: stock fairseq-generate, beam 5).
 
 Records: docs/distill_results.json ({"throughput": [...], "corpora": [...], "students": [compare_mix records]},
 each with its command). The report (paired bootstrap of each corpus's students against the fairseq corpus's)
-is written between the generated markers of docs/DISTILL.md.
+is written between the generated markers of docs/DISTILL.md (kdexp/distill.py).
 """
 import argparse
 import concurrent.futures
@@ -28,29 +28,15 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare_mix  # noqa: E402
-import demo  # noqa: E402
-from demo_pipeline import REPO, StepFailed, read_lines, tool  # noqa: E402
-from demo_report import machine, repo_relative  # noqa: E402
+from kdexp import corpus, recipes
+from kdexp.distill import BEAM, CONFIGS, COMMON, CORPORA, ENGINES, report, write_block
+from kdexp.mix import train_and_score
+from kdexp.options import parse_args as demo_args
+from kdexp.pipeline import REPO, Pipeline, StepFailed, read_lines, tool
+from kdexp.report import machine, repo_relative
 
-BEAM = 5
-COMMON = ["--beam", str(BEAM), "--lenpen", "1", "--max-tokens", "4000"] + demo.MAX_LEN
-CT2 = ["--engine", "ctranslate2", "--inter-threads", "1"]
-ENGINES = {"fairseq": ["--engine", "fairseq"],
-           "ctranslate2 float32": CT2 + ["--ct2-quantization", "float32"],
-           "ctranslate2 int8": CT2 + ["--ct2-quantization", "int8"]}
-CORPORA = {"fairseq": ENGINES["fairseq"] + ["--nbest", "1", "--select", "top"],
-           "ct2": ENGINES["ctranslate2 float32"] + ["--nbest", "1", "--select", "top"],
-           "ct2-seqinter": ENGINES["ctranslate2 float32"] + ["--nbest", str(BEAM), "--select", "bleu",
-                                                             "--remove-bpe", "sentencepiece"]}
-BASELINE = "sentence-b5-fairseq"
-for _name in CORPORA:
-    compare_mix.CONFIGS["sentence-b5-" + _name] = (compare_mix.KD + ["--teacher-targets", "{distill_%s}" % _name]
-                                                   + compare_mix.SENTENCE + compare_mix.LS)
 RATE_RE = re.compile(r"(\d+) sentences in ([\d.]+) s \(([\d.]+) sents/s\)")
 CONVERT_RE = re.compile(r"CTranslate2 model: .* \(converted")
-BEGIN, END = "<!-- distill_engines.py: BEGIN (generated, do not edit) -->", "<!-- distill_engines.py: END -->"
 RESULTS = os.path.join(REPO, "docs", "distill_results.json")
 
 
@@ -59,7 +45,7 @@ def slug(text):
 
 
 def distill_cmd(p, split, out, flags):
-    return [tool("kd-distill-corpus"), "--data", p.path("data-bin"), "--path", demo.checkpoint(p, "teacher"),
+    return [tool("kd-distill-corpus"), "--data", p.path("data-bin"), "--path", recipes.checkpoint(p, "teacher"),
             "--split", split, "--out", out] + COMMON + flags
 
 
@@ -113,54 +99,13 @@ def build_corpora(p):
 
 
 def students(p, seeds):
-    paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": demo.checkpoint(p, "teacher"),
+    paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": recipes.checkpoint(p, "teacher"),
              **{"distill_%s" % name: p.path("distill-b5-%s" % name) for name in CORPORA}}
-    view = p.with_threads(demo.student_threads(p.args))
+    view = p.with_threads(recipes.student_threads(p.args))
     runs = [("sentence-b5-" + name, s) for s in seeds for name in CORPORA]
     with concurrent.futures.ThreadPoolExecutor(max_workers=p.args.jobs) as pool:
-        futures = [pool.submit(compare_mix.train_and_score, view, c, s, paths) for c, s in runs]
+        futures = [pool.submit(train_and_score, view, c, s, paths, CONFIGS[c].flags()) for c, s in runs]
         return [f.result() for f in futures]
-
-
-def report(results, seeds, epochs, refs):
-    """Markdown: throughput, corpora, students (compare_mix's table, bootstrap against the fairseq corpus)."""
-    speed = {(r["engine"], r["threads"]): r for r in results["throughput"]}
-    base = {t: speed[("fairseq", t)]["sentences_per_s"] for t in (1, 2) if ("fairseq", t) in speed}
-    out = ["Command: `.venv/bin/python %s`; machine: %s." % (results["command"], results["machine"]), "",
-           "Distillation throughput (the first eighth of the training split, %d sentences, beam %d, one process; "
-           "decoding loop only):" % (results["throughput"][0]["sentences"], BEAM), "",
-           "| engine | threads | sentences/s | vs fairseq |", "|---|---:|---:|---:|"]
-    for (engine, t), r in speed.items():
-        out.append("| %s | %d | %.1f | %.2fx |" % (engine, t, r["sentences_per_s"], r["sentences_per_s"] / base[t]))
-    out += ["", "Corpora (train + valid, %d single-thread shards in parallel, beam %d):" % (
-        results["corpora"][0]["shards"], BEAM), "",
-        "| corpus | wall s | train lines identical to fairseq's |", "|---|---:|---:|"]
-    for r in results["corpora"]:
-        out.append("| %s | %.0f | %d / %d (%.1f%%) |" % (r["corpus"], r["wall_seconds"], r["identical_to_fairseq"],
-                                                        r["train_sentences"], 100.0 * r["identical_to_fairseq"]
-                                                        / r["train_sentences"]))
-    configs = ["sentence-b5-" + name for name in CORPORA]
-    out += ["", "sentence_kd students (%d epochs, seeds %s) on each corpus, test set, stock fairseq-generate "
-                "beam 5:" % (epochs, ",".join(map(str, seeds))), "",
-            compare_mix.report(results["students"], configs, seeds, epochs, BASELINE, refs)]
-    rows = {c: [r for r in results["students"] if r["config"] == c and r["epochs"] == epochs and r["seed"] in seeds]
-            for c in ("sentence-b5-ct2-seqinter", "sentence-b5-ct2")}
-    hyps = {c: compare_mix.load_hyps(rs, refs) for c, rs in rows.items()}
-    if all(h is not None for h in hyps.values()):
-        d, lo, hi, p = compare_mix.paired_bootstrap(hyps["sentence-b5-ct2-seqinter"], hyps["sentence-b5-ct2"], refs)
-        out += ["", "Seq-Inter against the same engine's 1-best (sentence-b5-ct2), same bootstrap: %+.2f [%+.2f, "
-                    "%+.2f], p = %.3f." % (d, lo, hi, p)]
-    return "\n".join(out)
-
-
-def write_block(path, block):
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(head + BEGIN + "\n" + block + "\n" + END + tail)
-    os.replace(path + ".tmp", path)
 
 
 def parse_args(argv=None):
@@ -172,21 +117,21 @@ def parse_args(argv=None):
     parser.add_argument("--doc", default=os.path.join(REPO, "docs", "DISTILL.md"))
     args, rest = parser.parse_known_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    return args, demo.parse_args(rest + ["--students", "plain"])
+    return args, demo_args(rest + ["--students", "plain"])
 
 
 def main(argv=None):
     args, a = parse_args(argv)
-    p = demo.Pipeline(a)
+    p = Pipeline(a)
     if not args.report:
         try:
-            demo.build_teacher(p)
+            recipes.build_teacher(p)
             results = {"machine": machine(), "command": " ".join(["examples/distill_engines.py"] + (argv or sys.argv[1:])),
                        "throughput": throughput(p), "corpora": build_corpora(p)}
             p.args.student_epochs = args.epochs
             p.args.epochs = args.epochs
             results["students"] = students(p, args.seeds)
-        except (StepFailed, demo.build_corpus.CorpusError) as e:
+        except (StepFailed, corpus.CorpusError) as e:
             sys.exit("distill_engines: %s" % e)
         with open(args.results + ".tmp", "w") as f:
             json.dump(results, f, indent=1)

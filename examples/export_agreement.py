@@ -17,7 +17,7 @@ is converted exactly as kd-export does (kd_plugin.cli.export.convert) and compar
   token over the export's (median), and the share of all greedy steps whose top-2 margin is below that.
 
 With ``--refs`` (raw references of ``--bleu-split``, e.g. the demo's WORK/corpus/test.en) the test set is also
-decoded with beam ``--beam`` in fairseq-generate's batches and caps (examples/demo_speed.py: the demo's CT2
+decoded with beam ``--beam`` in fairseq-generate's batches and caps (examples/kdexp/speed.py: the demo's CT2
 path) and scored with sacreBLEU, against stock ``fairseq-generate`` (the demo's command) on the same split.
 ``--speed-reps R`` times that decoding R interleaved rounds. Everything runs on the CPU, one thread unless
 ``--cpu-threads``; CTranslate2's int8 backend is its default unless ``CT2_USE_MKL=1`` is set (recorded in
@@ -34,8 +34,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo_speed  # noqa: E402
+from kdexp.speed import batches, detokenize, max_len
 
 BIN = os.path.dirname(sys.executable)
 
@@ -93,17 +92,17 @@ def fairseq_bleu(a, refs):
 
 
 def ct2_beam(translator, sources, tgt_sizes, a):
-    """The demo's CT2 path (demo_speed.ct2_translate) on the binarized split: (detokenized hypotheses, seconds
+    """The demo's CT2 path (kdexp.speed.ct2_translate) on the binarized split: (detokenized hypotheses, seconds
     spent in translate_batch)."""
     hyps, seconds = [None] * len(sources), 0.0
-    for ids in demo_speed.batches([len(s) for s in sources], tgt_sizes, a.batch_size):
+    for ids in batches([len(s) for s in sources], tgt_sizes, a.batch_size):
         src = [sources[i] for i in ids]
-        cap = demo_speed.max_len(max(len(s) for s in src), a.max_len_a, a.max_len_b)
+        cap = max_len(max(len(s) for s in src), a.max_len_a, a.max_len_b)
         t0 = time.perf_counter()
         out = translator.translate_batch(src, beam_size=a.beam, max_decoding_length=cap, min_decoding_length=1)
         seconds += time.perf_counter() - t0
         for i, result in zip(ids, out):
-            hyps[i] = demo_speed.detokenize(result.hypotheses[0])
+            hyps[i] = detokenize(result.hypotheses[0])
     return hyps, seconds
 
 

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from demo import read_lines as read
+from kdexp.pipeline import read_lines as read
 from kd_plugin.cli.gate_dump import spearman
 
 

@@ -21,7 +21,6 @@ docs/plateau_results.json, and the in-flight copy is removed.
 Every flag that defines the run is spelled out below (no fairseq default is relied on).
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -30,11 +29,11 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402
-from demo_pipeline import REPO, Pipeline, StepFailed, tool  # noqa: E402
+from kdexp.options import parse_args as demo_args
+from kdexp.pipeline import REPO, Pipeline, StepFailed, read_lines, sha256, tool
+from kdexp.recipes import MAX_LEN, SIDES, hypotheses, prepare_data
 
-# (full, quick) architecture: the demo's teacher (examples/demo.py DEFAULTS)
+# (full, quick) architecture: the demo's teacher (kdexp/options.py DEFAULTS)
 ARCH = {"layers": (2, 1), "dim": (128, 32), "ffn": (512, 64), "heads": (4, 2)}
 TEACHER = ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
            "--dropout", "0.1", "--attention-dropout", "0", "--activation-dropout", "0", "--weight-decay", "0",
@@ -56,7 +55,7 @@ def arch_flags(quick):
     col = 1 if quick else 0
     v = {k: str(x[col]) for k, x in ARCH.items()}
     out = ["--arch", "transformer", "--share-all-embeddings"]
-    for side in demo.SIDES:
+    for side in SIDES:
         out += ["--%s-layers" % side, v["layers"], "--%s-embed-dim" % side, v["dim"],
                 "--%s-ffn-embed-dim" % side, v["ffn"], "--%s-attention-heads" % side, v["heads"]]
     return out
@@ -156,23 +155,22 @@ def weights_only(src, dst):
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     torch.save(state, dst + ".tmp")
     os.replace(dst + ".tmp", dst)
-    with open(dst, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return sha256(dst)
 
 
 def test_scores(p, ckpt):
     """(BLEU, chrF) of stock fairseq-generate, beam 5, the demo's length cap, on the test set."""
     cmd = [tool("fairseq-generate"), p.path("data-bin"), "--path", ckpt, "--source-lang", "de",
            "--target-lang", "en", "--gen-subset", "test", "--beam", "5", "--batch-size", "64",
-           "--remove-bpe", "sentencepiece"] + demo.MAX_LEN
+           "--remove-bpe", "sentencepiece"] + MAX_LEN
     log = p.path("logs", "eval-plateau-teacher.log")
     with open(log, "w") as f:
         if subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=p.env) != 0:
             raise StepFailed("fairseq-generate failed; log: %s" % log)
     from sacrebleu.metrics import BLEU, CHRF
 
-    refs = demo.read_lines(p.path("corpus", "test.en"))
-    hyps = demo.hypotheses(log, len(refs))
+    refs = read_lines(p.path("corpus", "test.en"))
+    hyps = hypotheses(log, len(refs))
     return BLEU().corpus_score(hyps, [refs]).score, CHRF().corpus_score(hyps, [refs]).score, cmd
 
 
@@ -215,12 +213,12 @@ def main(argv=None):
     parser.add_argument("--snapshot", action="store_true", help="copy the in-flight run to artifacts/inflight")
     a = parser.parse_args(argv)
     a.work = a.work or os.path.join(REPO, "work", "plateau-quick" if a.quick else "plateau")
-    d = demo.parse_args(["--work", a.work, "--threads", str(a.threads)] + (["--quick"] if a.quick else []))
+    d = demo_args(["--work", a.work, "--threads", str(a.threads)] + (["--quick"] if a.quick else []))
     p = Pipeline(d)
     if a.snapshot:
         return snapshot(p, a)
     try:
-        demo.prepare_data(p)
+        prepare_data(p)
         cmd = teacher_cmd(p, a, a.max_epoch * updates_per_epoch(p.path("data-bin")))
         restore_inflight(p, a)
         train_teacher(p, a, cmd)

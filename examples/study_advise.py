@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
-"""Fit kd-advise's rule on the study (docs/STUDY.md, "kd-advise") and write kd_plugin/advise_rule.json.
+"""Fit kd-advise's rule on the study (docs/STUDY.md, "kd-advise"); review it, then write kd_plugin/advise_rule.json.
 
-    .venv/bin/python examples/study_advise.py [--results docs/study_results.json] [--work work/demo]
+    .venv/bin/python examples/study_advise.py [--results docs/study_results.json] [--work work/demo]   # review
+    .venv/bin/python examples/study_advise.py ... --write                                        # then write
+
+The rule file is package data (kd-advise's default --rule): a run prints the fitted rule, its table and a
+unified diff against --out and writes nothing; --write writes --out (the shipped file by default) after the
+same review output. Commit the file with the diff's reason.
 
 For every study cell: the scenario's signals, measured exactly as kd-advise measures a user's (kd_plugin.cli
 .advise.measure on the cell's level data-bin, the study's teacher, the cell's student architecture and
@@ -12,18 +17,18 @@ runs on --sample sentences per complexity level (seconds).
 """
 import argparse
 import datetime
+import difflib
 import json
 import os
 import shlex
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402
-from demo_pipeline import REPO  # noqa: E402
+from kdexp.pipeline import REPO
+from kdexp.recipes import model_args
 
-from kd_plugin import advice  # noqa: E402
-from kd_plugin.cli import advise  # noqa: E402
+from kd_plugin import advice
+from kd_plugin.cli import advise
 
 SCOPE = ("one teacher (the demo's 2+2-layer d=128 transformer, 1.43M parameters, 3 epochs) on one corpus "
          "(LibreOffice help de-en), students trained 2,049 updates: a prior from docs/STUDY.md, not a guarantee")
@@ -31,10 +36,10 @@ DECODING = {"beam5": (5, False), "greedy": (1, False), "sample": (1, True)}  # s
 
 
 def arch_flags(size):
-    """fairseq flags of a study size name ``l{layers}-d{dim}-f{ffn}-h{heads}`` (the demo's model_args)."""
+    """fairseq flags of a study size name ``l{layers}-d{dim}-f{ffn}-h{heads}`` (recipes.model_args)."""
     layers, dim, ffn, heads = (int(part[1:]) for part in size.split("-"))
     a = argparse.Namespace(student_layers=layers, student_dim=dim, student_ffn=ffn, student_heads=heads)
-    return " ".join(str(f) for f in demo.model_args(a, "student"))
+    return " ".join(str(f) for f in model_args(a, "student"))
 
 
 def cell_table(records, methods):
@@ -87,6 +92,16 @@ def markdown(cells, loo, rule):
     return "\n".join(rows)
 
 
+def review(path, doc):
+    """The fitted rule and a unified diff of ``path`` against ``doc`` (its "fitted" block, date and command,
+    included): what --write would change."""
+    new = json.dumps(doc, indent=1).splitlines()
+    old = open(path).read().splitlines() if os.path.isfile(path) else []
+    diff = list(difflib.unified_diff(old, new, path, path + " (fitted now)", lineterm=""))
+    shown = "\n".join(diff) if diff else "no change to %s" % path
+    return "\nRule: %s\n\n%s" % (advise.describe_rule(doc["rule"]), shown)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default=os.path.join(REPO, "docs", "study_results.json"))
@@ -95,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--methods", default="plain,token,sentence,hybrid")
     parser.add_argument("--sample", type=int, default=500, help="kd-advise --sample")
     parser.add_argument("--out", default=advise.RULE, help="the rule file (default: the shipped one)")
+    parser.add_argument("--write", action="store_true", help="write --out (without it: print the rule and the diff "
+                        "against --out only)")
     parser.add_argument("--scope", default=SCOPE, help="what the rule was fitted on, printed by kd-advise")
     args = parser.parse_args(argv)
     args.teacher = args.teacher or os.path.join(args.work, "ckpt", "teacher", "checkpoint_last.pt")
@@ -113,13 +130,19 @@ def main(argv=None):
                    "bleu_lost_max": max(o["bleu_lost"] for o in loo), "per_cell": loo,
                    "always": {m: {"bleu_lost_mean": v[0], "bleu_lost_max": v[1]}
                               for m, v in constant_losses(cells).items()}},
-           "fitted": {"command": "examples/study_advise.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+           "fitted": {"command": "examples/study_advise.py " + " ".join(
+               shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--write"),
                       "results": os.path.relpath(args.results, REPO), "sample": args.sample,
                       "date": datetime.date.today().isoformat(), "scope": args.scope}}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
     print(markdown(cells, loo, rule))
+    print(review(args.out, doc))
+    if args.write:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+        print("written: %s" % args.out)
+    else:
+        print("not written (review the diff, then rerun with --write)")
 
 
 if __name__ == "__main__":

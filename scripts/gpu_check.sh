@@ -119,13 +119,13 @@ bench() {
     local work=/tmp/kd-bench
     rm -rf "$work"
     # shellcheck disable=SC2086
-    "$VPY" - --work "$work" --synthetic --rounds 1 --warmup 10 --updates 20 --log-interval 10 \
+    PYTHONPATH="benchmarks:examples${PYTHONPATH:+:$PYTHONPATH}" \
+        "$VPY" - --work "$work" --synthetic --rounds 1 --warmup 10 --updates 20 --log-interval 10 \
         --max-tokens 4096 --train-sentences 8000 --valid-sentences 100 --threads 1 \
         --configs plain,token-online-full,token-cache,sentence,hybrid-online-full \
         --output "$OUT/bench.md" ${GPU_BENCH_ARGS:-} <<'EOF'
 import json, os, re, sys
-sys.path.insert(0, "benchmarks")
-import bench_kd
+import bench_kd  # PYTHONPATH: benchmarks/ and examples/ (bench_kd's library, kdexp)
 import torch
 
 SIZES = {"teacher_layers": 6, "teacher_dim": 512, "teacher_ffn": 2048, "teacher_heads": 8,

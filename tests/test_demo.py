@@ -6,6 +6,7 @@ CTranslate2 path's scores, a second run that reuses every step; every student's 
 (checked against the criteria's dataclasses; the helpers serve test_compare_mix and test_study too) and run as
 given; and one-line errors for malformed TSVs and bad flags. The speed phase's pure pieces:
 tests/test_demo_speed.py."""
+import hashlib
 import json
 import os
 import random
@@ -14,12 +15,9 @@ import subprocess
 import sys
 
 import pytest
+from kdexp import configs, corpus, pipeline, speed
 
 from helpers import REPO
-
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import build_corpus  # noqa: E402
-import demo_speed  # noqa: E402
 
 DEMO = os.path.join(REPO, "examples", "demo.py")
 DEMO_MD = os.path.join(REPO, "docs", "DEMO.md")
@@ -113,20 +111,38 @@ def check_configs(configs):
     return seen
 
 
+def flags_of(table):
+    """{name: fairseq-train arguments} of a table of kdexp.configs.Config."""
+    return {name: config.flags() for name, config in table.items()}
+
+
 def test_every_student_spells_out_its_criterion():
     """The demo's students: every criterion flag explicit, none retired, no two the same; the default four are
     plain label smoothing, token_kd and hybrid_kd (g fixed at 1/2) from the top-8 cache, sentence_kd."""
-    sys.path.insert(0, os.path.join(REPO, "examples"))
-    import demo as demo_module
-
-    assert len(check_configs(demo_module.STUDENTS)) == len(demo_module.STUDENTS)
-    assert list(demo_module.DEFAULT_STUDENTS) == list(STUDENTS) and "hybrid-even" not in demo_module.STUDENTS
-    flags = {s: flag_values(demo_module.STUDENTS[s]) for s in demo_module.STUDENTS}
+    students = flags_of(configs.STUDENTS)
+    assert len(check_configs(students)) == len(students)
+    assert list(configs.DEFAULT_STUDENTS) == list(STUDENTS) and "hybrid-even" not in students
+    flags = {s: flag_values(students[s]) for s in students}
     assert flags["hybrid"]["--kd-gate"] == flags["hybrid-online"]["--kd-gate"] == "fixed:0.5"
     assert flags["token"]["--kd-topk"] == flags["hybrid"]["--kd-topk"] == "8"
     assert flags["token-online"]["--kd-topk"] == flags["hybrid-online"]["--kd-topk"] == "0"
     assert flags["sentence"]["--kd-gold-mix"] == "0"
     assert all(f["--label-smoothing"] == "0.1" for f in flags.values())
+
+
+def test_a_configuration_missing_or_adding_a_criterion_field_fails_loudly():
+    """kdexp.configs builds a criterion's flags from its dataclass: a field left out (a criterion default
+    relied on) or a field the criterion lacks (a retired flag) is an error naming the flag, not a command."""
+    complete = dict(configs.token(8), **configs.LS)
+    assert configs.criterion_flags("token_kd", complete)[:4] == ["--criterion", "token_kd", "--kd-alpha", "0.5"]
+    missing = {k: v for k, v in complete.items() if k != "kd_temperature"}
+    with pytest.raises(configs.ConfigError, match="token_kd: missing --kd-temperature$"):
+        configs.criterion_flags("token_kd", missing)
+    with pytest.raises(configs.ConfigError, match="token_kd: unknown --kd-mix$"):
+        configs.criterion_flags("token_kd", dict(complete, kd_mix="word"))
+    with pytest.raises(configs.ConfigError, match="unknown criterion 'word_kd'"):
+        configs.criterion_flags("word_kd", complete)
+    assert configs.missing_flags(["--criterion", "sentence_kd", "--kd-gold-mix", "0"]) == ["--label-smoothing"]
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +242,11 @@ def test_size_and_speed_columns_are_measured(runs):
                                             / 1e6, abs=0.0051)
         log = read(os.path.join(work, "logs", "speed-%s-fairseq-r1.log" % name))
         cmd = log.splitlines()[0]
-        assert os.path.realpath(cmd.split()[1]) == os.path.realpath(demo_speed.tool("fairseq-generate"))
+        assert os.path.realpath(cmd.split()[1]) == os.path.realpath(pipeline.tool("fairseq-generate"))
         assert "--beam 5 --batch-size 64" in cmd and cmd.endswith("--max-len-b 10 --cpu --num-workers 0")
         timed = dict(re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", log, re.M))  # the timed decode is the scored one
         assert [timed[str(i)] for i in range(40)] == read(os.path.join(work, "eval", "%s.hyp" % name)).splitlines()
-        sentences, _, speed = demo_speed.parse_generate_speed(log)
+        sentences, _, speed = speed.parse_generate_speed(log)
         assert sentences == 40 and speed > 0 and r["fairseq_speed"] == pytest.approx(speed, abs=0.051)
         timing = json.loads(read(os.path.join(work, "logs", "speed-%s-ct2-r1.log" % name)).splitlines()[-1])
         assert timing["sentences"] == 40 and timing["seconds"] > 0
@@ -320,13 +336,10 @@ def test_cached_students_read_the_top8_cache(runs):
         assert cmd[cmd.index("--kd-topk") + 1] == "8" and "--teacher-path" not in cmd
     hybrid = command("train-hybrid")
     assert hybrid[hybrid.index("--kd-gate") + 1] == "fixed:0.5"  # spelled out, not hybrid_kd's default
-    sys.path.insert(0, os.path.join(REPO, "examples"))
-    import demo as demo_module
-
     paths = {"user_dir": os.path.join(REPO, "kd_plugin"), "teacher": os.path.join(work, "ckpt", "teacher",
              "checkpoint_last.pt"), "distill": os.path.join(work, "distill"), "cache": os.path.join(work, "cache8")}
     for name in STUDENTS:  # each student ran exactly its STUDENTS flags, in one piece
-        flags, cmd = [f.format(**paths) for f in demo_module.STUDENTS[name]], command("train-" + name)
+        flags, cmd = [f.format(**paths) for f in configs.STUDENTS[name].flags()], command("train-" + name)
         assert any(cmd[i:i + len(flags)] == flags for i in range(len(cmd))), (name, cmd)
     for split in ("train", "valid"):
         dump = command("cache8-%s.0" % split)
@@ -344,6 +357,20 @@ def test_second_run_reuses_every_step(runs):
     assert table(second.stdout) == table(first.stdout)
 
 
+def test_results_name_their_teacher(runs):
+    """WORK/results.json: every system's scores, each naming the teacher checkpoint (its sha256), which the
+    report's teacher line gives too."""
+    _, _, work, _ = runs
+    with open(os.path.join(work, "ckpt", "teacher", "checkpoint_last.pt"), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(work, "results.json")) as f:
+        results = json.load(f)
+    assert list(results) == ["teacher"] + list(STUDENTS)
+    assert {r["teacher_sha256"] for r in results.values()} == {sha}
+    assert {name: r["updates"] for name, r in results.items()} == {name: UPDATES for name in results}
+    assert "; checkpoint sha256 %s\n" % sha in read(os.path.join(work, "results.md"))
+
+
 def test_cleaning_filters_and_their_limits(tmp_path):
     """Moses clean-corpus-n style: each filter drops just past its limit and keeps the limit itself."""
     words = lambda n, w="w": " ".join([w] * n)  # noqa: E731
@@ -355,12 +382,12 @@ def test_cleaning_filters_and_their_limits(tmp_path):
     pairs = keep + [pair for reason in drop for pair in drop[reason]]
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("".join("%s\t%s\n" % pair for pair in pairs), encoding="utf-8")
-    kept, record = build_corpus.load_tsv(str(tsv), ("fr", "en"))
+    kept, record = corpus.load_tsv(str(tsv), ("fr", "en"))
     assert kept == [(" ".join(s.split()), " ".join(t.split())) for s, t in keep]
     assert record == {"read": len(pairs), "kept": len(keep), "dropped": {k: len(v) for k, v in drop.items()},
                       "limits": {"max_tokens": 250, "max_chars": 1500, "max_ratio": 9.0}}
     tighter = {"max_tokens": 100, "max_chars": 1000, "max_ratio": 5}
-    _, dropped = build_corpus.clean(kept, **tighter)
+    _, dropped = corpus.clean(kept, **tighter)
     assert dropped == {"empty": 0, "tokens": 1, "chars": 1, "ratio": 2, "untranslated": 0, "duplicate": 0}
 
 

@@ -1,22 +1,17 @@
-"""The demo's speed phase (examples/demo_speed.py), its pure pieces against fairseq's own code: the parser of
+"""The demo's speed phase (examples/kdexp/speed.py), its pure pieces against fairseq's own code: the parser of
 fairseq-generate's speed line, the batches and output cap of the CTranslate2 path, the interleaved schedule,
-the export command (kd-export's own check, not bypassed); and the per-side architecture flags of
-examples/demo.py. End to end: tests/test_demo.py."""
+the export command (kd-export's own check, not bypassed); and the per-side architecture flags of the demo's
+commands (kdexp/recipes.py). End to end: tests/test_demo.py."""
 import argparse
 import os
 import random
 import re
-import sys
 
 import numpy as np
 import torch
-
-from helpers import REPO
-
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import demo  # noqa: E402
-import demo_report  # noqa: E402
-import demo_speed  # noqa: E402
+from kdexp import options, recipes
+from kdexp import report as demo_report
+from kdexp import speed as demo_speed
 
 
 def test_parser_reads_fairseq_generates_own_summary_line():
@@ -76,18 +71,18 @@ def test_schedule_interleaves_systems_and_paths():
 
 
 def test_per_side_architecture_flags_default_to_the_shared_ones():
-    a = demo.parse_args(["--student-encoder-layers", "3", "--student-decoder-ffn", "96", "--teacher-ffn", "300"])
-    flags = dict(zip(*[iter(demo.model_args(a, "student")[3:])] * 2))
+    a = options.parse_args(["--student-encoder-layers", "3", "--student-decoder-ffn", "96", "--teacher-ffn", "300"])
+    flags = dict(zip(*[iter(recipes.model_args(a, "student")[3:])] * 2))
     assert flags == {"--encoder-layers": 3, "--decoder-layers": 1, "--encoder-embed-dim": 64,
                      "--decoder-embed-dim": 64, "--encoder-ffn-embed-dim": 256, "--decoder-ffn-embed-dim": 96,
                      "--encoder-attention-heads": 2, "--decoder-attention-heads": 2}
-    teacher = dict(zip(*[iter(demo.model_args(a, "teacher")[3:])] * 2))
+    teacher = dict(zip(*[iter(recipes.model_args(a, "teacher")[3:])] * 2))
     assert teacher["--encoder-ffn-embed-dim"] == teacher["--decoder-ffn-embed-dim"] == 300
-    assert demo_report.arch(demo.shape(a, "student")) == "layers 3+1, d=64, ffn 256+96, 2 heads (encoder+decoder)"
+    assert demo_report.arch(recipes.shape(a, "student")) == "layers 3+1, d=64, ffn 256+96, 2 heads (encoder+decoder)"
 
 
 def test_params_are_the_models_trainable_parameters(data_bin, tmp_path):
-    """demo.count_params of a saved checkpoint = the trainable parameters of the model fairseq builds (shared
+    """recipes.count_params of a saved checkpoint = the trainable parameters of the model fairseq builds (shared
     embeddings once), not counting fairseq's frozen BetterTransformer copies of encoder weights, which the
     checkpoint does hold; for a 2+1-layer shape too."""
     from inproc import build
@@ -102,7 +97,7 @@ def test_params_are_the_models_trainable_parameters(data_bin, tmp_path):
     from kd_plugin.compat import is_weight_copy
 
     assert any(is_weight_copy(k) for k in model.state_dict())  # the copies are really saved
-    assert demo.count_params(path) == trainable
+    assert recipes.count_params(path) == trainable
 
 
 def test_export_keeps_kd_exports_check(tmp_path):

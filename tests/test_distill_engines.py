@@ -1,11 +1,6 @@
-"""examples/distill_engines.py's report: the speed ratios, agreement shares and block it writes, from records."""
-import os
-import sys
-
-from helpers import REPO
-
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import distill_engines  # noqa: E402
+"""examples/distill_engines.py's report (kdexp/distill.py): the speed ratios, agreement shares and block it
+writes, from records."""
+from kdexp import distill as distill_engines
 
 
 def records():

@@ -1,7 +1,10 @@
-"""examples/study.py: the --quick grid on a generated corpus (tiny models, a few updates), run twice: one record
-per (cell, method, seed) whose scores are sacreBLEU of its hypotheses, the complexity levels and their measures
+"""examples/study.py (its pieces: kdexp/study.py, study_levels.py, study_report.py): the --quick grid on a
+generated corpus (tiny models, a few updates), run twice: one record per (cell, method, seed) whose scores are
+sacreBLEU of its hypotheses, naming the teacher checkpoint by its sha256, the complexity levels and their measures
 recomputed here from the BPE files, the sliced level data (binarized corpus, teacher targets, top-K cache)
-equal to the full run's entries, a second run that trains nothing; one-line errors for bad flags."""
+equal to the full run's entries, a second run that trains nothing; one-line errors for bad flags; study_advise's
+review before it writes the rule file."""
+import hashlib
 import json
 import math
 import os
@@ -12,12 +15,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from kdexp import configs, study_report
+from kdexp.report import repo_relative
+from kdexp.study import run_name
 
 from helpers import REPO
 from test_demo import TINY, check_configs, flag_values, write_tsv
-
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import study  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "examples", "study.py")
 UPDATES = 8
@@ -59,6 +62,9 @@ def test_one_record_per_cell_method_seed_scored_on_its_hypotheses(grid):
     _, _, records, work, _ = grid
     assert sorted((r["cell"], r["method"], r["seed"]) for r in records) == \
         sorted((c, m, 1) for c in CELLS for m in METHODS)
+    with open(os.path.join(work, "ckpt", "teacher", "checkpoint_last.pt"), "rb") as f:
+        teacher = hashlib.sha256(f.read()).hexdigest()
+    assert {r["teacher_sha256"] for r in records} == {teacher}
     for r in records:
         hyps, refs = read(os.path.join(REPO, r["hyps"])), read(os.path.join(REPO, r["refs"]))
         assert len(hyps) == len(refs) and r["complexity"] in r["refs"]
@@ -67,9 +73,9 @@ def test_one_record_per_cell_method_seed_scored_on_its_hypotheses(grid):
         assert r["updates"] == UPDATES and r["valid"][-1]["updates"] == UPDATES and r["train_seconds"] > 0
         assert ("hybrid_kd" in r["flags"]) == (r["method"] == "hybrid")
         # the record's command is the one its training step ran (the log's first line), its flags in one piece
-        name = study.run_name(r["method"], r["size"], r["seed"], UPDATES)
+        name = run_name(r["method"], r["size"], r["seed"], UPDATES)
         with open(os.path.join(work, "study", r["complexity"], "logs", "train-%s.log" % name)) as f:
-            ran = [study.study_report.repo_relative(x) for x in shlex.split(f.readline()[2:])]
+            ran = [repo_relative(x) for x in shlex.split(f.readline()[2:])]
         assert r["train_cmd"] == ran and ran[0].endswith("fairseq-train")
         assert any(ran[i:i + len(r["flags"])] == r["flags"] for i in range(len(ran))), (r["flags"], ran)
         assert flag_values(ran)["--max-update"] == str(UPDATES) and flag_values(ran)["--seed"] == str(r["seed"])
@@ -150,17 +156,34 @@ def test_second_run_trains_nothing_and_prints_the_tables_and_plots(grid):
 
 
 def test_study_advise_fits_the_rule_on_the_grids_cells(grid):
+    """study_advise prints the fitted rule and its diff against --out, and writes --out only with --write (the
+    review run on two of the cells, the written run on all of them: the diff it printed is the file written)."""
     from kd_plugin import advice
+    from kd_plugin.cli.advise import describe_rule
 
     _, _, records, work, tmp = grid
     out = str(tmp / "rule.json")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "examples", "study_advise.py"), "--results",
-                        str(tmp / "study.json"), "--work", work, "--methods", ",".join(METHODS), "--sample", "20",
-                        "--out", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                       cwd=REPO)
-    assert p.returncode == 0, p.stdout[-3000:]
+
+    def advise(results, *extra):
+        p = subprocess.run([sys.executable, os.path.join(REPO, "examples", "study_advise.py"), "--results", results,
+                            "--work", work, "--methods", ",".join(METHODS), "--sample", "20", "--out", out, *extra],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, cwd=REPO)
+        assert p.returncode == 0, p.stdout[-3000:]
+        return p.stdout
+
+    two = str(tmp / "two-cells.json")
+    with open(two, "w") as f:
+        json.dump([r for r in records if r["cell"] in ("centre", "complexity-low")], f)
+    review = advise(two)
+    assert not os.path.exists(out)
+    assert review.rstrip().endswith("not written (review the diff, then rerun with --write)")
+    assert "+++ %s (fitted now)" % out in review and "Leave-one-cell-out: " in review
+    written = advise(str(tmp / "study.json"), "--write")
     with open(out) as f:
         doc = json.load(f)
+    diff = written[written.index("+++ "):written.index("written: %s" % out)].splitlines()[1:]
+    assert [line[1:] for line in diff if line.startswith("+")] == json.dumps(doc, indent=1).splitlines()
+    assert "Rule: %s" % describe_rule(doc["rule"]) in written
     assert sorted(c["cell"] for c in doc["cells"]) == sorted(CELLS)
     assert doc["rule"] == advice.fit_rule(doc["cells"], list(METHODS)) and doc["loo"]["cells"] == len(CELLS)
     for c in doc["cells"]:
@@ -171,14 +194,14 @@ def test_study_advise_fits_the_rule_on_the_grids_cells(grid):
         assert c["signals"]["capacity_ratio"] == pytest.approx(measures["size"]["ratio"], rel=1e-6)
         assert c["signals"]["src_len"] == pytest.approx(measures["complexity"]["train"]["mean_len"])
         assert c["signals"]["decoding"] == {"beam5": 0, "greedy": 1, "sample": 2}[c["coords"]["decoding"]]
-    assert "Leave-one-cell-out" in p.stdout
+    assert "Leave-one-cell-out" in written
 
 
 def test_every_method_spells_out_its_criterion():
     """plain, token, sentence and the default hybrid give every flag of their criterion's dataclass (none retired,
     no two the same); hybrid is g fixed at 1/2 over token's settings, the mix the study's records ran."""
-    methods = study.method_flags(study.HYBRID)
-    assert sorted(methods) == sorted(study.METHODS)
+    methods = configs.method_flags()
+    assert sorted(methods) == sorted(configs.METHODS)
     check_configs(methods)
     hybrid, token = flag_values(methods["hybrid"]), flag_values(methods["token"])
     assert hybrid["--kd-gate"] == "fixed:0.5" and hybrid["--criterion"] == "hybrid_kd"
@@ -198,11 +221,12 @@ def test_every_method_spells_out_its_criterion():
     (["--hybrid", "--criterion hybrid_kd --kd-gate fixed:0.75 --teacher-cache {cache} --teacher-targets {distill}"],
      "--hybrid: give every flag of the criterion (missing --kd-alpha --kd-temperature"),
 ])
-def test_bad_flags_one_line_exit_2(flags, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        study.parse_args(flags)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("study: error: " + message), err
+def test_bad_flags_one_line_exit_2(flags, message, tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, *flags, "--work", str(tmp_path / "w")], cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    err = p.stderr
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("study: error: " + message), err
+    assert p.stdout == "" and not os.path.exists(tmp_path / "w")
 
 
 def test_bad_flag_from_the_command_line(tmp_path):
@@ -213,7 +237,6 @@ def test_bad_flag_from_the_command_line(tmp_path):
 
 
 def test_significance_table_compares_the_right_hypotheses(tmp_path):
-    import study_report
     from types import SimpleNamespace
 
     refs = ["the cat sat on the mat %d" % i for i in range(40)]

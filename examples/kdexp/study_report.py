@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 
-from demo_pipeline import REPO
+from kdexp.pipeline import REPO, read_lines
 
 ORDER = ("hybrid", "token", "sentence", "plain")  # slowest first (docs/MIX.md timings)
 # the compare_mix configuration whose 3-epoch train time stands for each method (plain: none measured; it
@@ -21,16 +21,12 @@ DECODE_SECONDS = {"student": 12.0, "teacher": 26.0}  # one decoding of the demo'
 AXES = ("complexity", "size", "decoding")
 
 
-def repo_relative(arg):
-    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
-
-
 def key(r):
     return r["cell"], r["method"], r["seed"], r["updates"]
 
 
 def merge_records(path, records):
-    """compare_mix.merge_records with the study's key (cell, method, seed, updates): replace, keep the others."""
+    """mix.merge_records with the study's key (cell, method, seed, updates): replace, keep the others."""
     old = []
     if os.path.isfile(path):
         with open(path) as f:
@@ -162,7 +158,7 @@ def plot(records, args, cells, out_dir):
 
 
 SIGNIFICANCE_CAPTION = (
-    "paired bootstrap (seeds pooled; compare_mix.paired_bootstrap): BLEU(a) - BLEU(b) over 1,000 resamples of the "
+    "paired bootstrap (seeds pooled; kdexp.mix.paired_bootstrap): BLEU(a) - BLEU(b) over 1,000 resamples of the "
     "cell's test sentences, each resample drawing the same sentence ids in every seed both methods have and "
     "scoring their hypotheses pooled into one corpus; shown: the mean over the resamples, their 2.5%-97.5% "
     "quantiles and p = the share of resamples <= 0. That mean is not the difference of the BLEU means in the "
@@ -171,11 +167,10 @@ SIGNIFICANCE_CAPTION = (
 
 
 def significance(records, args, cells, resamples=1000):
-    """Markdown: per cell, the paired bootstrap (compare_mix.paired_bootstrap, seeds pooled, the seeds both
+    """Markdown: per cell, the paired bootstrap (kdexp.mix.paired_bootstrap, seeds pooled, the seeds both
     methods have) of token - sentence (the paper's comparison) and hybrid - the better single level: the mean
     over the resamples of the pooled-corpus BLEU difference (SIGNIFICANCE_CAPTION), not a difference of means."""
-    from compare_mix import paired_bootstrap
-    from demo_pipeline import read_lines
+    from kdexp.mix import paired_bootstrap
 
     runs = select(records, args, cells)
 

@@ -1,9 +1,11 @@
-"""The demo's step runner: cached steps under WORK, each a function or subprocesses with a log per command.
+"""The step runner of every driver: cached steps under WORK, each a function or subprocesses with a log per
+command; the repository's paths, its console scripts and the file helpers (atomic writes, sha256).
 
 A step's done-marker WORK/done/STEP.json records its wall time and command; delete it (or the step's output)
-to redo the step. Used by examples/demo.py, demo_data.py and demo_report.py.
+to redo the step.
 """
 import copy
+import hashlib
 import json
 import os
 import shlex
@@ -12,7 +14,8 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the drivers; kdexp/ is in it
+REPO = os.path.dirname(EXAMPLES)
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts live next to its python
 
 
@@ -83,17 +86,18 @@ class Pipeline:
         stages = [[[str(c) for c in cmd] for cmd in stage] for stage in stages]
         self.step(step, lambda: [self.subprocesses(step, stage) for stage in stages], stages)
 
-    def subprocesses(self, step, cmds):
-        """Run ``cmds`` concurrently; raise StepFailed (after printing the log's tail) if one fails."""
+    def subprocesses(self, step, cmds, env=None):
+        """Run ``cmds`` concurrently (with ``env``, default the pipeline's); raise StepFailed (after printing the
+        log's tail) if one fails."""
         procs = []
         for i, cmd in enumerate(cmds):
             log = self.path("logs", "%s.log" % step if len(cmds) == 1 else "%s.%d.log" % (step, i))
             with open(log, "w") as f:
                 f.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
                 f.flush()
-                procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                               env=self.env), log))
-        failed = [(proc.wait(), log) for proc, log in procs]
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or self.env)
+                procs.append((proc.wait, log))
+        failed = [(wait(), log) for wait, log in procs]
         for rc, log in failed:
             if rc != 0:
                 with open(log, errors="replace") as f:
@@ -119,3 +123,12 @@ def write_lines(path, lines):
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in lines)
     os.replace(path + ".tmp", path)
+
+
+def sha256(path):
+    """The file's sha256 (hex): which teacher checkpoint a record distils."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

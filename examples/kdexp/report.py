@@ -9,10 +9,10 @@ import shlex
 import sys
 import time
 
-import build_corpus
-from demo_data import SPLITS, full_corpus_dir
-from demo_pipeline import REPO, read_lines
-from demo_speed import BATCH, BEAM
+from kdexp import corpus as build_corpus
+from kdexp.data import SPLITS, full_corpus_dir
+from kdexp.pipeline import REPO, read_lines
+from kdexp.speed import BATCH, BEAM
 
 
 def machine():
@@ -48,7 +48,7 @@ def cleaning_line(p):
 def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
     """The markdown results. ``criteria``: {student: its fairseq-train arguments}; ``decode_cmd``: the
     test decoding command of a system called SYSTEM; ``threads_per_student``: OpenMP threads of each;
-    ``shapes``: {"teacher"/"student": demo.shape()}."""
+    ``shapes``: {"teacher"/"student": recipes.shape()}."""
     a = p.args
     teacher_train = p.seconds.get("train-teacher", 0.0)
     rows = ["| system | params | checkpoint (MB) | CT2 int8 (MB) | updates | train time (s) | BLEU | chrF "
@@ -80,7 +80,8 @@ def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
     ]
     lines += [line for line in [cleaning_line(p)] if line]
     lines += [
-        "- Teacher: transformer %s, %s epochs (%.0f s)" % (arch(shapes["teacher"]), a.teacher_epochs, teacher_train),
+        "- Teacher: transformer %s, %s epochs (%.0f s); checkpoint sha256 %s" % (
+            arch(shapes["teacher"]), a.teacher_epochs, teacher_train, results["teacher"]["teacher_sha256"]),
         "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that train on "
         "teacher-decoded targets batch by those targets' lengths, so their update counts differ)"
         % (arch(shapes["student"]), a.student_epochs),
@@ -107,10 +108,10 @@ def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
 
 
 def speed_line(p, results):
-    """How the size and speed columns were measured (demo_speed.py)."""
+    """How the size and speed columns were measured (kdexp/speed.py)."""
     agree = ", ".join("%s %s%%" % (n, "%.0f" % r["ct2_agreement"] if r["ct2_agreement"] is not None else "-")
                       for n, r in results.items())
-    return ("- Sizes and speed (examples/demo_speed.py): checkpoint = `checkpoint_last.pt` as saved (with "
+    return ("- Sizes and speed (examples/kdexp/speed.py): checkpoint = `checkpoint_last.pt` as saved (with "
             "fairseq's optimizer state); CT2 int8 = every file of `kd-export --quantization int8`'s directory "
             "(model.bin, vocabularies, spm.model, notes); its greedy output equals fairseq's on %s of 20 valid "
             "sentences. Speed: the %d test sentences, after all training, one process at a time on %s, "
@@ -127,7 +128,7 @@ def speed_line(p, results):
 
 
 def arch(s):
-    """``layers E+D, d=..., ffn FE+FD, H heads`` of a shape (demo.shape: encoder+decoder)."""
+    """``layers E+D, d=..., ffn FE+FD, H heads`` of a shape (recipes.shape: encoder+decoder)."""
     return "layers %s+%s, d=%s, ffn %s+%s, %s heads (encoder+decoder)" % (
         s["encoder_layers"], s["decoder_layers"], s["dim"], s["encoder_ffn"], s["decoder_ffn"], s["heads"])
 

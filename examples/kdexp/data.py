@@ -1,10 +1,10 @@
-"""The demo's data steps: corpus (examples/build_corpus.py, cleaned and split, subsampled on request),
+"""The demo's data steps: corpus (kdexp/corpus.py, cleaned and split, subsampled on request),
 joint sentencepiece BPE, and the fairseq-preprocess command. Languages are ``args.src_lang``/``args.tgt_lang``.
 """
 import os
 
-import build_corpus
-from demo_pipeline import StepFailed, read_lines, tool, write_lines
+from kdexp import corpus as build_corpus
+from kdexp.pipeline import StepFailed, read_lines, tool, write_lines
 
 SPLITS = ("train", "valid", "test")
 # fairseq's transformer takes 1024 positions (--max-source/target-positions), one of them the end of sentence

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """The demo's inference phase: each system exported to CTranslate2 (int8), its sizes, and its test-set speed.
 
 Speed is measured after all training, one process at a time, one thread each, for two paths per system:
 stock ``fairseq-generate`` (the demo's test decoding command plus ``--cpu --num-workers 0``; its own timer of
 the decoding loop, printed as "Translated N sentences (M tokens) in Xs (Y sentences/s, ...)") and the
-CTranslate2 int8 export (this file run as ``demo_speed.py ct2 ...`` in a subprocess: ``translate_batch``
+CTranslate2 int8 export (this module run as ``python -m kdexp.speed ct2 ...`` in a subprocess: ``translate_batch``
 with ``intra_threads=1`` timed over the test set). Both exclude model loading, decode the same batches
 (fairseq-generate's: the test set ordered by source length, ties by target length, in batches of
 ``BATCH``) with the same beam and the same output cap per batch,
@@ -24,10 +23,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_pipeline import StepFailed, read_lines, tool, write_lines  # noqa: E402
+from kdexp.pipeline import EXAMPLES, StepFailed, read_lines, tool, write_lines
 
-BEAM, BATCH = 5, 64  # the demo's test decoding (demo.generate_cmd)
+BEAM, BATCH = 5, 64  # the demo's test decoding (recipes.generate_cmd)
 PATHS = ("fairseq", "ct2")
 SPEED_RE = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
 
@@ -134,7 +132,7 @@ def sizes(p, name, checkpoint):
 
 def ct2_cmd(p, name, hyp):
     a = p.args
-    return [sys.executable, os.path.abspath(__file__), "ct2", "--model", export_dir(p, name),
+    return [sys.executable, "-m", "kdexp.speed", "ct2", "--model", export_dir(p, name),
             "--source", p.path("bpe", "test." + a.src_lang), "--target", p.path("bpe", "test." + a.tgt_lang),
             "--out", hyp, "--beam", BEAM, "--batch-size", BATCH, "--max-len-a", 1.2, "--max-len-b", 10]
 
@@ -150,7 +148,8 @@ def measure_one(p, rep, name, path, fairseq_cmd):
         if found is None:
             raise StepFailed("%s: no 'Translated N sentences' line" % log)
         return found[2]
-    p.subprocesses(label, [[str(c) for c in ct2_cmd(p, name, p.path("eval", "%s.ct2.hyp" % name))]])
+    env = dict(p.env, PYTHONPATH=os.pathsep.join([EXAMPLES] + [x for x in [p.env.get("PYTHONPATH")] if x]))
+    p.subprocesses(label, [[str(c) for c in ct2_cmd(p, name, p.path("eval", "%s.ct2.hyp" % name))]], env)
     with open(log) as f:
         return json.loads(f.read().strip().splitlines()[-1])["sentences_per_s"]
 
@@ -198,7 +197,7 @@ def inference_columns(p, systems, checkpoint, fairseq_cmd):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Time a CTranslate2 export on a test set (used by demo.py)")
+    parser = argparse.ArgumentParser(description="Time a CTranslate2 export on a test set (the speed phase's)")
     parser.add_argument("mode", choices=["ct2"])
     parser.add_argument("--model", required=True, help="CTranslate2 model directory")
     parser.add_argument("--source", required=True, help="test sources, sentencepiece pieces per line")

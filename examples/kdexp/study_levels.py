@@ -22,7 +22,7 @@ import shutil
 
 import numpy as np
 
-from demo_pipeline import StepFailed, read_lines, write_lines
+from kdexp.pipeline import StepFailed, read_lines, write_lines
 
 LEVELS = ("low", "mid", "high")
 SPLITS = ("train", "valid", "test")
