@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kd-setup-done
-SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py
+SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py kd_plugin/fairseq_patches/fixes.py
 
 .PHONY: setup test test-fast demo demo-quick teacher study study-quick bench gpu-bundle gpu-check clean
 setup: $(STAMP)
