@@ -5,8 +5,7 @@ import subprocess
 import sys
 
 import torch
-
-import warm
+from kdexp import warm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "kd_plugin")
@@ -47,7 +46,7 @@ def make_corpus(out_dir, n_train=1500, n_valid=100, n_test=100, seed=0):
 
 def run(*args, expect_ok=True, env=None, timeout=600):
     """Run a CLI (name resolved next to this interpreter) and return its combined output. fairseq's and
-    kd-plugin's console scripts run in a fork of a warm process (tests/warm.py) unless ``env`` changes the
+    kd-plugin's console scripts run in a fork of a warm process (examples/kdexp/warm.py) unless ``env`` changes the
     environment (e.g. PYTHONPATH) or KD_TESTS_COLD=1."""
     cmd = [os.path.join(BIN, args[0]) if os.path.exists(os.path.join(BIN, args[0])) else args[0]]
     cmd += [str(a) for a in args[1:]]
@@ -63,6 +62,12 @@ def run(*args, expect_ok=True, env=None, timeout=600):
     if not expect_ok and code == 0:
         raise AssertionError("command unexpectedly succeeded: %s\n%s" % (" ".join(cmd), out[-2000:]))
     return out
+
+
+def driver_env():
+    """The environment of an examples/ driver run by a test: its console scripts in forks of a warm process
+    (KDEXP_WARM=1, kdexp.pipeline) unless KD_TESTS_COLD=1."""
+    return dict(os.environ, KDEXP_WARM="0" if os.environ.get("KD_TESTS_COLD") == "1" else "1")
 
 
 def preprocess(text_dir, dest):

@@ -15,7 +15,7 @@ from kdexp import configs, mix, speed
 from kdexp.pipeline import EXAMPLES, read_lines
 from kdexp.report import repo_relative
 
-from helpers import REPO
+from helpers import REPO, driver_env
 from test_demo import TINY, check_configs, criterion_flags, flag_values, flags_of, write_tsv
 
 SCRIPT = os.path.join(REPO, "examples", "compare_mix.py")
@@ -27,7 +27,8 @@ def compare(work, tsv, results, *extra):
            "--results", results, "--work", work, "--data", tsv, "--train-pairs", "300", "--valid-pairs", "40",
            "--test-pairs", "40", "--bpe-size", "64", "--max-tokens", "200", "--max-update", "8", "--jobs", "2",
            *TINY, *extra]
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, cwd=REPO)
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, cwd=REPO,
+                          env=driver_env())
 
 
 @pytest.fixture(scope="module")

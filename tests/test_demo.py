@@ -15,9 +15,10 @@ import subprocess
 import sys
 
 import pytest
-from kdexp import configs, corpus, pipeline, speed
+from kdexp import configs, corpus, pipeline
+from kdexp.speed import parse_generate_speed
 
-from helpers import REPO
+from helpers import REPO, driver_env
 
 DEMO = os.path.join(REPO, "examples", "demo.py")
 DEMO_MD = os.path.join(REPO, "docs", "DEMO.md")
@@ -58,7 +59,7 @@ def demo(work, tsv, *extra, **kw):
            "--valid-pairs", "40", "--test-pairs", "40", "--bpe-size", "64", "--max-tokens", "200",
            "--max-update", str(UPDATES), "--jobs", "2", "--speed-reps", "1", *extra]
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=kw.get("stderr", subprocess.STDOUT), text=True,
-                          timeout=900, cwd=REPO)
+                          timeout=900, cwd=REPO, env=driver_env())
 
 
 def read(path):
@@ -246,7 +247,7 @@ def test_size_and_speed_columns_are_measured(runs):
         assert "--beam 5 --batch-size 64" in cmd and cmd.endswith("--max-len-b 10 --cpu --num-workers 0")
         timed = dict(re.findall(r"^H-(\d+)\t[^\t]*\t(.*)$", log, re.M))  # the timed decode is the scored one
         assert [timed[str(i)] for i in range(40)] == read(os.path.join(work, "eval", "%s.hyp" % name)).splitlines()
-        sentences, _, speed = speed.parse_generate_speed(log)
+        sentences, _, speed = parse_generate_speed(log)
         assert sentences == 40 and speed > 0 and r["fairseq_speed"] == pytest.approx(speed, abs=0.051)
         timing = json.loads(read(os.path.join(work, "logs", "speed-%s-ct2-r1.log" % name)).splitlines()[-1])
         assert timing["sentences"] == 40 and timing["seconds"] > 0

@@ -19,7 +19,7 @@ from kdexp import configs, study_report
 from kdexp.report import repo_relative
 from kdexp.study import run_name
 
-from helpers import REPO
+from helpers import REPO, driver_env
 from test_demo import TINY, check_configs, flag_values, write_tsv
 
 SCRIPT = os.path.join(REPO, "examples", "study.py")
@@ -35,7 +35,8 @@ def run_study(work, tsv, results, *extra):
            "--src-lang", "fr", "--tgt-lang", "en", "--train-pairs", "300", "--valid-pairs", "60",
            "--test-pairs", "60", "--bpe-size", "64", "--max-tokens", "200", "--max-update", "12",
            "--updates", str(UPDATES), "--methods", ",".join(METHODS), "--distill-shards", "2", *TINY, *extra]
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, cwd=REPO)
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, cwd=REPO,
+                          env=driver_env())
 
 
 @pytest.fixture(scope="module")

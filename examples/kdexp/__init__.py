@@ -11,6 +11,7 @@
     mix           multi-seed comparisons: records, paired bootstrap, report (compare_mix, distill_engines)
     distill       distill_engines' engines, corpora and report
     study         the study's grid; study_levels (complexity levels), study_report (tables, plots, estimate)
+    warm          console scripts in forks of one warm process (the tests' runs; drivers with KDEXP_WARM=1)
 
 Layering: pipeline <- corpus, data <- configs, recipes, speed, report <- options, mix <- distill, study. A
 driver run as ``python examples/NAME.py`` finds this package next to it; tests find it through pytest.ini's

@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from kdexp import warm
+
 EXAMPLES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the drivers; kdexp/ is in it
 REPO = os.path.dirname(EXAMPLES)
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts live next to its python
@@ -88,13 +90,19 @@ class Pipeline:
 
     def subprocesses(self, step, cmds, env=None):
         """Run ``cmds`` concurrently (with ``env``, default the pipeline's); raise StepFailed (after printing the
-        log's tail) if one fails."""
+        log's tail) if one fails. With KDEXP_WARM=1 the venv's fairseq-*/kd-* console scripts run in forks of a
+        warm process (kdexp/warm.py: the same command, output and exit status, without importing torch and
+        fairseq again; for toy runs such as the tests', whose cost is mostly that import)."""
         procs = []
         for i, cmd in enumerate(cmds):
             log = self.path("logs", "%s.log" % step if len(cmds) == 1 else "%s.%d.log" % (step, i))
             with open(log, "w") as f:
                 f.write("$ %s\n" % " ".join(shlex.quote(c) for c in cmd))
                 f.flush()
+                if warm_script(cmd):
+                    pid = warm.submit(os.path.basename(cmd[0]), cmd[1:], env or self.env, REPO, log, append=True)
+                    procs.append((lambda pid=pid, log=log: warm.wait(pid, log), log))
+                    continue
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or self.env)
                 procs.append((proc.wait, log))
         failed = [(wait(), log) for wait, log in procs]
@@ -103,6 +111,12 @@ class Pipeline:
                 with open(log, errors="replace") as f:
                     sys.stderr.write("".join(f.readlines()[-30:]))
                 raise StepFailed("step %s failed (exit %d); full log: %s" % (step, rc, log))
+
+
+def warm_script(cmd):
+    """Whether ``cmd`` runs in a fork of the warm process: KDEXP_WARM=1 and a fairseq-*/kd-* console script."""
+    return os.environ.get("KDEXP_WARM") == "1" and os.path.dirname(cmd[0]) == BIN and \
+        os.path.basename(cmd[0]) in warm.ENTRIES
 
 
 def tool(name):

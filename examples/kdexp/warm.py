@@ -1,11 +1,13 @@
-"""Console scripts (fairseq-*, kd-*) run in forks of one warm process per test worker.
+"""Console scripts (fairseq-*, kd-*) run in forks of one warm process (per test worker, or per driver run with
+KDEXP_WARM=1: kdexp.pipeline).
 
 Importing torch and fairseq is 3-5 s of CPU per process and most of what a toy fairseq-train run costs; the
-suite starts hundreds. The warm process imports torch and the fairseq library (never fairseq_cli, whose
-import configures logging, nor kd_plugin, which --user-dir imports) and then only forks: each child is one
-whole command, as its console script would run it (argv, the caller's environment and working directory,
-stdout and stderr to a file, exit status as the interpreter maps SystemExit), so outputs and exit statuses
-are those of a fresh process. helpers.run falls back to a fresh process for anything else.
+test suite starts hundreds, a driver on a toy corpus dozens. The warm process imports torch and the fairseq
+library (never fairseq_cli, whose import configures logging, nor kd_plugin, which --user-dir imports) and then
+only forks: each child is one whole command, as its console script would run it (argv, the caller's environment
+and working directory, stdout and stderr to a file, exit status as the interpreter maps SystemExit; torch's
+intra-op threads set from the job's OMP_NUM_THREADS, which torch read once, in the warm process), so outputs and
+exit statuses are those of a fresh process. Callers fall back to a fresh process for anything else.
 """
 import atexit
 import json
@@ -32,10 +34,12 @@ for line in sys.stdin:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     code = 1
     try:
-        fd = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = os.open(job["out"], os.O_WRONLY | os.O_CREAT | (os.O_APPEND if job.get("append") else os.O_TRUNC))
         os.dup2(fd, 1); os.dup2(fd, 2); os.close(fd)
         fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0); os.close(fd); sys.stdin = open(0)
         os.chdir(job["cwd"]); os.environ.clear(); os.environ.update(job["env"]); sys.argv = job["argv"]
+        if job["env"].get("OMP_NUM_THREADS", "").isdigit():
+            torch.set_num_threads(int(job["env"]["OMP_NUM_THREADS"]))
         module, func = job["entry"].split(":")
         result = getattr(importlib.import_module(module), func)()
         code = result if isinstance(result, int) else 0 if result is None else 1
@@ -67,35 +71,53 @@ def _start(env):
     return _server
 
 
-def run(name, args, env, timeout):
-    """(exit status, output) of console script ``name`` with ``args`` in a fork of the warm process."""
-    fd, out = tempfile.mkstemp(prefix="warm-", suffix=".log")
-    os.close(fd)
-    job = {"entry": ENTRIES[name], "argv": [os.path.join(os.path.dirname(sys.executable), name)] + args,
-           "env": env, "cwd": os.getcwd(), "out": out}
+def submit(name, args, env, cwd, out, append=False):
+    """Start console script ``name`` with ``args`` in a fork of the warm process, its output to ``out`` (appended
+    with ``append``); returns the child's pid (wait for it with :func:`wait`)."""
+    job = {"entry": ENTRIES[name], "argv": [os.path.join(os.path.dirname(sys.executable), name)] + list(args),
+           "env": env, "cwd": cwd, "out": out, "append": append}
     with _lock:
         server = _start(env)
         server.stdin.write(json.dumps(job) + "\n")
         server.stdin.flush()
-        pid = int(server.stdout.readline())
-    deadline = time.monotonic() + timeout
+        return int(server.stdout.readline())
+
+
+def wait(pid, out, timeout=None):
+    """The exit status of the child ``pid`` started by :func:`submit` with output ``out`` (its status file
+    removed); SIGKILL and subprocess.TimeoutExpired after ``timeout`` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while not os.path.exists(out + ".rc"):
             if not _alive(pid):  # killed before writing its status (the file appears just before _exit)
                 time.sleep(0.2)
                 if not os.path.exists(out + ".rc"):
-                    return -9, _read(out) + "\n[warm: the process died without a status]"
+                    with open(out, "a") as f:
+                        f.write("\n[warm: the process died without a status]")
+                    return -9
                 break
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(job["argv"], timeout, _read(out))
+                raise subprocess.TimeoutExpired("warm child %d" % pid, timeout, _read(out))
             time.sleep(0.02)
         with open(out + ".rc") as f:
-            return int(f.read()), _read(out)
+            return int(f.read())
     finally:
-        for path in (out, out + ".rc", out + ".rc.tmp"):
+        for path in (out + ".rc", out + ".rc.tmp"):
             if os.path.exists(path):
                 os.remove(path)
+
+
+def run(name, args, env, timeout):
+    """(exit status, output) of console script ``name`` with ``args`` in a fork of the warm process."""
+    fd, out = tempfile.mkstemp(prefix="warm-", suffix=".log")
+    os.close(fd)
+    try:
+        pid = submit(name, args, env, os.getcwd(), out)
+        return wait(pid, out, timeout), _read(out)
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
 
 
 def _alive(pid):
