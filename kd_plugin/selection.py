@@ -22,8 +22,8 @@ def select_batch(ce, rate):
 class GlobalCEQueue(nn.Module):
     """FIFO queue of recent token cross-entropies.
 
-    Its state is buffers (float32 even under --fp16/--bf16); kd_plugin.criterions.state saves and restores
-    them with fairseq checkpoints. On an empty queue (evaluation before any training step) selection falls
+    Its state is buffers (float32 even under --fp16/--bf16); kd_plugin.fairseq_patches.criterion_state saves
+    and restores them with fairseq checkpoints. On an empty queue (evaluation before any training step) selection falls
     back to the batch's own top-r.
     """
 

@@ -4,8 +4,8 @@ kd-dump-teacher and kd-distill-corpus killed mid-way and rerun write the bytes o
 Resume: fairseq restores the model, optimizer, lr schedule, data position (``iterations_in_epoch``) and
 seeds every update with seed + num_updates, and the criterion's state: hybrid_kd's gate (parameters, by
 fairseq) with its running means (buffers), and token_kd's --kd-select global queue (buffers of a criterion
-without parameters, which fairseq would drop: kd_plugin.criterions.state saves them). So the resumed run
-must equal the uninterrupted one bit for bit.
+without parameters, which fairseq would drop: kd_plugin.fairseq_patches.criterion_state saves them). So the
+resumed run must equal the uninterrupted one bit for bit.
 """
 import os
 import re

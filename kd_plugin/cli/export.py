@@ -19,7 +19,7 @@ any later start-up check of training inputs would break export. The converter ge
 copy of the checkpoint (in the temporary directory) whose model config names the stock ``translation``
 task: the network is the same, and that task needs nothing but the dictionaries in DATA (a config
 without a task is mapped the same way; other tasks are left as they are). The checkpoint is unpickled like
-fairseq-generate does (kd_plugin.compat: ``weights_only=False``): export only checkpoints you trust.
+fairseq-generate does (kd_plugin.fairseq_patches: ``weights_only=False``): export only checkpoints you trust.
 
 Then (``--check N``, default 20; 0 skips it) the first N sentences of DATA's ``--split`` (default valid)
 are decoded greedily by fairseq and by CTranslate2: the float32 conversion must be identical (for a quantized
@@ -225,7 +225,7 @@ def run_check(args, state, model, task, tmp_dir, model_dir, languages):
 
 
 def export(args):
-    import kd_plugin  # noqa: F401  (kd_plugin.compat: fairseq checkpoints load on torch >= 2.6)
+    import kd_plugin  # noqa: F401  (kd_plugin.fairseq_patches: fairseq checkpoints load on torch >= 2.6)
 
     try:
         import ctranslate2

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from kd_plugin.checks import KDConfigError
-from kd_plugin.cli_errors import exit_with
+from kd_plugin.fairseq_patches.cli_errors import exit_with
 
 
 def setup_logging():
