@@ -13,7 +13,8 @@
     study         the study's grid; study_levels (complexity levels), study_report (tables, plots, estimate)
     warm          console scripts in forks of one warm process (the tests' runs; drivers with KDEXP_WARM=1)
 
-Layering: pipeline <- corpus, data <- configs, recipes, speed, report <- options, mix <- distill, study. A
-driver run as ``python examples/NAME.py`` finds this package next to it; tests find it through pytest.ini's
-``pythonpath``, the benchmark through ``PYTHONPATH=examples`` (make bench).
+Layering (a module imports only modules of earlier groups): warm | pipeline, corpus, configs | data, speed,
+study_levels | report | recipes | options, mix | distill, study_report | study. A driver run as
+``python examples/NAME.py`` finds this package next to it; tests find it through pytest.ini's ``pythonpath``,
+the benchmark through ``PYTHONPATH=examples`` (make bench).
 """
