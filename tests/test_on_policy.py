@@ -18,8 +18,8 @@ from conftest import TEACHER_ARCH
 from helpers import kd_train, load_state, run
 from inproc import build, first_batch
 
-from kd_plugin.needs import OnPolicy, TeacherNeeds
-from kd_plugin.on_policy import ON_POLICY, choose_rows, generate
+from kd_plugin.needs import ON_POLICY, OnPolicy, TeacherNeeds
+from kd_plugin.on_policy import choose_rows, generate
 
 MAX_LEN = ("--on-policy-max-len-a", "1.2", "--on-policy-max-len-b", "10")
 
@@ -209,19 +209,22 @@ def test_fine_tuning_recipe_from_a_token_kd_student(data_bin, teacher, tmp_path)
     """README's recipe: a token_kd student, then N on-policy updates from it (--restore-file, optimizer, scheduler,
     meters and data loader reset). It trains N updates with the student's prefixes (logged share), lowers the KL to
     the teacher on the student's own outputs, and decodes with stock fairseq-generate."""
+    n = 50
     start = str(tmp_path / "token")
     kd_train(data_bin, start, "--criterion", "token_kd", "--teacher-path", teacher, "--label-smoothing", "0.1",
              "--kd-alpha", "0.5", max_update=60)
     tuned = str(tmp_path / "on_policy")
+    # the stage at the toy's own learning rate (TRAIN_COMMON's 5e-3) with its seed fixed, so that the effect is
+    # far from the bound below (30 updates at lr 1e-3 gave 0.90x, and 0.92x with seeds 2 and 3)
     log = kd_train(data_bin, tuned, "--criterion", "on_policy_kd", "--teacher-path", teacher, "--label-smoothing",
                    "0.1", "--kd-alpha", "0.5", "--kd-temperature", "1", "--kd-divergence", "forward_kl",
                    "--on-policy-share", "1", "--on-policy-temperature", "1", *MAX_LEN,
                    "--restore-file", os.path.join(start, "checkpoint_last.pt"), "--reset-optimizer",
-                   "--reset-lr-scheduler", "--reset-meters", "--reset-dataloader", "--lr", "1e-3",
-                   "--log-interval", "5", max_update=30)
+                   "--reset-lr-scheduler", "--reset-meters", "--reset-dataloader", "--lr", "5e-3", "--seed", "1",
+                   "--log-interval", "5", max_update=n)
     assert "Loaded checkpoint %s (epoch" % os.path.join(start, "checkpoint_last.pt") in log
     updates = [int(m) for m in re.findall(r"num_updates (\d+)", log)]
-    assert updates and max(updates) == 30  # counted from 0: the optimizer's step count was reset
+    assert updates and max(updates) == n  # counted from 0: the optimizer's step count was reset
     shares = [float(m) for m in re.findall(r"on_policy_share ([\d.]+)", log)]
     assert shares and all(s == 1.0 for s in shares)
     ckpt = os.path.join(tuned, "checkpoint_last.pt")
@@ -238,6 +241,8 @@ def test_fine_tuning_recipe_from_a_token_kd_student(data_bin, teacher, tmp_path)
         model.load_state_dict(load_state(path)["model"])
         model.eval()
         kls.append(on_policy_kl(task, model, teacher_model, sample))
+    # measured: 1.853 -> 1.335 nats/token (0.72x; seed 5: 0.76x). Not compared with token_kd: the same updates of
+    # token_kd from the same checkpoint lower it about as much on this toy (30 at lr 5e-3: 0.82-0.88x vs 0.82-0.83x)
     assert kls[1] < 0.9 * kls[0], kls
     assert np.isfinite(kls).all()
 
