@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 r"""Speed and peak memory of kd-plugin's criteria, as ratios to fairseq's own label_smoothed_cross_entropy.
 
-    make bench                                       # .venv/bin/python benchmarks/bench_kd.py  (~10 min)
-    python benchmarks/bench_kd.py --rounds 5 --warmup 10 --updates 40
-    python benchmarks/bench_kd.py --data-bin DIR --teacher T.pt      # a real corpus and teacher
-    python benchmarks/bench_kd.py --synthetic                        # ignore the demo's data and teacher
+    make bench                                  # PYTHONPATH=examples .venv/bin/python benchmarks/bench_kd.py
+    PYTHONPATH=examples python benchmarks/bench_kd.py --rounds 5 --warmup 10 --updates 40
+    PYTHONPATH=examples python benchmarks/bench_kd.py --data-bin DIR --teacher T.pt   # a real corpus and teacher
+    PYTHONPATH=examples python benchmarks/bench_kd.py --synthetic     # ignore the demo's data and teacher
+
+(PYTHONPATH=examples: the examples' library, kdexp, holds the demo's sizes, steps and the configurations.)
 
 Preparation (cached under --work, redone when its arguments change):
   data     --data-bin DIR; else work/demo/data-bin when the demo's teacher checkpoint exists too; else a
@@ -488,7 +490,8 @@ def report(a, paths, results, probes, stats, fl, seconds):
         "",
         "\n".join(probe_rows),
         "",
-        "- Command: `%s`" % " ".join(shlex.quote(x) for x in [os.path.relpath(sys.executable, REPO)] + sys.argv),
+        "- Command: `PYTHONPATH=examples %s`" % " ".join(
+            shlex.quote(x) for x in [os.path.relpath(sys.executable, REPO)] + sys.argv),
         "- Date: %s; total %.0f s" % (datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds),
         "- Machine: %s; nproc %d; torch threads %s%s" % (
             demo_report.machine(), os.cpu_count() or 0, demo_report._torch_threads(),
