@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from inproc import build, first_batch
-from kd_plugin.needs import TeacherNeeds
+from kd_plugin.checks import KDConfigError
+from kd_plugin.needs import TaskFacts, TeacherNeeds
 from test_teacher_cache import cache  # noqa: F401  (module fixture: a top-K cache of train and valid)
 
 CASES = {  # criterion flags -> (declared needs, keys in a batch)
@@ -37,3 +38,15 @@ def test_task_serves_exactly_what_the_criterion_declares(data_bin, teacher_targe
     want = lengths[0] if len(lengths) == 1 else np.maximum(*lengths)
     assert (ds.target_sizes == want).all()
     assert (gold != decoded).any() and (np.maximum(gold, decoded) != gold).any()  # the cases really differ
+
+
+def test_criterion_reads_the_task_through_its_facts(data_bin, teacher_targets, cache):  # noqa: F811
+    """The other direction: what hybrid_kd's learned gate and padding check read from the task is its TaskFacts
+    (the student's encoder dimension, TINY_ARCH's 32; right-padded targets), taken once at construction."""
+    flags = ("--task", "translation_kd", "--teacher-cache", cache, "--teacher-targets", teacher_targets,
+             "--label-smoothing", "0.1", "--criterion", "hybrid_kd", "--kd-gate", "sentence")
+    _, task, model, criterion = build(data_bin, *flags)
+    assert task.kd_task_facts() == criterion.facts == TaskFacts(student_dim=32, left_pad_target=False)
+    assert criterion.gate.norm.normalized_shape == (model.encoder.embed_tokens.embedding_dim,)  # the gate's width
+    with pytest.raises(KDConfigError, match="hybrid_kd needs right-padded targets"):
+        build(data_bin, *flags, "--left-pad-target")
