@@ -9,7 +9,7 @@ dictionaries, never trained), the source length and rare-subword rate of the who
 entropy, confidence and gold NLL under teacher forcing on --sample sentences of it (drawn with --seed). Prints
 the recommended criterion with the flags to pass, the signals, and how far to trust it: the rule's
 leave-one-cell-out accuracy on the study and the study cell nearest to these signals. The rule ships with the
-package (kd_plugin/advise_rule.json, written by examples/study_advise.py); --rule reads another.
+package (kd_plugin/advise_rule.json, written by ``examples/study_advise.py --write``); --rule reads another.
 Bad input: one line ``kd-advise: error: ...``, exit status 2.
 """
 import argparse
