@@ -21,7 +21,8 @@ $(STAMP): $(SETUP_DEPS)
 	touch $(STAMP)
 
 # tests run TEST_JOBS at a time (default: the cores), one test file per worker process, one thread each;
-# console scripts run in forks of a warm process (tests/warm.py)
+# console scripts, also those of the driver tests' pipelines (KDEXP_WARM=1), run in forks of a warm process
+# (examples/kdexp/warm.py)
 TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 test: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
