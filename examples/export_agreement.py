@@ -197,7 +197,7 @@ def main(argv=None):
     import ctranslate2
     import torch
 
-    import kd_plugin  # noqa: F401  (kd_plugin.compat: fairseq checkpoints load on torch >= 2.6)
+    import kd_plugin  # noqa: F401  (kd_plugin.fairseq_patches: fairseq checkpoints load on torch >= 2.6)
     from kd_plugin.cli import export, export_check, fairseq_io
     from kd_plugin.teacher import read_checkpoint
 

@@ -32,7 +32,7 @@ from kd_plugin.cli import advise
 
 SCOPE = ("one teacher (the demo's 2+2-layer d=128 transformer, 1.43M parameters, 3 epochs) on one corpus "
          "(LibreOffice help de-en), students trained 2,049 updates: a prior from docs/STUDY.md, not a guarantee")
-DECODING = {"beam5": (5, False), "greedy": (1, False), "sample": (1, True)}  # study.DECODINGS as kd-advise flags
+DECODING = {"beam5": (5, False), "greedy": (1, False), "sample": (1, True)}  # kdexp.study.DECODINGS as kd-advise flags
 
 
 def arch_flags(size):
