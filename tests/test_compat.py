@@ -1,4 +1,5 @@
-"""The three fairseq 0.12.2 fixes: the install-time step and the plugin's import-time patches."""
+"""fairseq 0.12.2's compatibility fixes (kd_plugin/fairseq_patches/fixes.py, docs/COMPAT.md): the install-time
+step (scripts/fairseq_compat.py) and the plugin's import-time patches."""
 import os
 import re
 import shutil
