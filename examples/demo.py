@@ -4,8 +4,8 @@ students trained with the same budget (plain label smoothing, token-level KD, se
 the token-level signals from a top-8 teacher cache), all scored with stock ``fairseq-generate`` and
 sacreBLEU, exported to CTranslate2 int8 and timed on the test set (both paths, one thread).
 
-    make demo                          # .venv/bin/python examples/demo.py  (~20 min on 2 CPU cores)
-    make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (~5 min smoke test)
+    make demo                          # .venv/bin/python examples/demo.py  (measured times: docs/DEMO.md)
+    make demo-quick                    # QUICK=1: 3k-pair subset, tiny models (a smoke run, not timed)
     python examples/demo.py --data fr-en.tsv --src-lang fr --tgt-lang en --students plain,token
     python examples/demo.py --help     # all sizes
 
