@@ -37,7 +37,7 @@ demo-quick: setup
 teacher: setup
 	$(VPY) examples/plateau_teacher.py $(TEACHER_ARGS)
 
-# The KD study (docs/STUDY.md): the full grid (resumable, ~2 h on 2 cores) and its --quick smoke grid
+# The KD study (docs/STUDY.md): the full grid (resumable) and its --quick smoke grid
 study: setup
 	$(VPY) examples/study.py --plot docs $(STUDY_ARGS)
 

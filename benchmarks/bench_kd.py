@@ -376,6 +376,7 @@ def probe(name, tokens, vocab, topk):
     from fairseq.data import Dictionary
 
     from kd_plugin.criterions.token_kd import TokenKDCriterion
+    from kd_plugin.needs import TEACHER
     from kd_plugin.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
 
     torch.manual_seed(0)
@@ -401,7 +402,7 @@ def probe(name, tokens, vocab, topk):
         lprobs = model.get_normalized_probs((logits,), log_probs=True)
         loss, _ = label_smoothed_nll_loss(lprobs.view(-1, vocab), target.view(-1), 0.1, ignore_index=d.pad())
     else:
-        ls, _, kd = crit.token_terms(model, (logits, None), {"target": target, "teacher": teacher})
+        ls, _, kd = crit.token_terms(model, (logits, None), {"target": target, TEACHER: teacher})
         loss = crit.token_loss(ls, kd)
     loss.backward()
     return (_rss("VmHWM") - base) / (tokens * vocab * 4)

@@ -94,7 +94,7 @@ def test_params_are_the_models_trainable_parameters(data_bin, tmp_path):
     path = str(tmp_path / "ckpt.pt")
     torch.save({"model": model.state_dict()}, path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from kd_plugin.compat import is_weight_copy
+    from kd_plugin.model_size import is_weight_copy
 
     assert any(is_weight_copy(k) for k in model.state_dict())  # the copies are really saved
     assert recipes.count_params(path) == trainable
