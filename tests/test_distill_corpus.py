@@ -202,9 +202,11 @@ def test_output_trains_sentence_kd(data_bin, distilled, tmp_path):
     a data directory whose valid targets ARE the kd-distill-corpus output (and not its loss on gold)."""
     save = str(tmp_path / "student")
     log = kd_train(data_bin, save, "--criterion", "sentence_kd", "--label-smoothing", "0.1",
-                   "--teacher-targets", distilled[0], max_update=20)
+                   "--teacher-targets", distilled[0], max_update=30)
     swapped = with_valid_targets(data_bin, distilled[0], str(tmp_path / "distilled-bin"))
     logged = last_valid(log)  # bits per token, rounded to 3 decimals
     ckpt = os.path.join(save, "checkpoint_last.pt")
     assert logged == pytest.approx(stock_ls_ce(swapped, ckpt) / math.log(2), abs=2e-3)
-    assert abs(logged - stock_ls_ce(data_bin, ckpt) / math.log(2)) > 0.01  # measured: 0.021 bits after 20 updates
+    # 30 updates so the two losses differ clearly: measured 0.062 bits (seed 1), 0.104 (seed 2) against the 0.01
+    # bound (after 20 updates only 0.012, host-variable)
+    assert abs(logged - stock_ls_ce(data_bin, ckpt) / math.log(2)) > 0.01
