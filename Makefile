@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.kd-setup-done
 SETUP_DEPS := Makefile setup.py scripts/fairseq_compat.py kd_plugin/fairseq_patches/fixes.py
 
-.PHONY: setup test test-fast demo demo-quick teacher study study-quick bench gpu-bundle gpu-check clean
+.PHONY: setup test test-fast demo demo-quick teacher plateau study study-quick bench gpu-bundle gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_DEPS)
@@ -36,6 +36,11 @@ demo-quick: setup
 # A teacher trained to its plateau on the demo corpus (issue 20; resumable, hours on 2 cores): work/plateau
 teacher: setup
 	$(VPY) examples/plateau_teacher.py $(TEACHER_ARGS)
+
+# The plateau study (issue 28; docs/PLATEAU.md): resumable, one record per finished run in docs/plateau_results.json
+# (PLATEAU_ARGS=--commit commits each at once; --snapshot before a stop; --report regenerates the doc)
+plateau: setup
+	$(VPY) examples/plateau.py $(PLATEAU_ARGS)
 
 # The KD study (docs/STUDY.md): the full grid (resumable) and its --quick smoke grid
 study: setup

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from kdexp import plateau
+from kdexp.corpus import CorpusError
 from kdexp.options import parse_args as demo_args
 from kdexp.pipeline import REPO, Pipeline, StepFailed, read_lines, sha256, tool
 from kdexp.recipes import MAX_LEN, SIDES, hypotheses, prepare_data
@@ -47,7 +49,6 @@ EVAL_BLEU = ["--eval-bleu", "--eval-bleu-args", json.dumps(EVAL_ARGS), "--eval-b
              "--maximize-best-checkpoint-metric"]
 ARTIFACTS = os.path.join(REPO, "artifacts")
 INFLIGHT_FILES = ("checkpoint_last.pt", "checkpoint_best.pt")
-RESULTS = os.path.join(REPO, "docs", "plateau_results.json")
 
 
 def arch_flags(quick):
@@ -61,18 +62,6 @@ def arch_flags(quick):
     return out
 
 
-def updates_per_epoch(data_bin, max_tokens=1500, multiple=8):
-    """Batches of fairseq-train's training epoch (the same batching: translation task, --max-tokens,
-    --required-batch-size-multiple, fairseq's default max positions)."""
-    from fairseq.tasks.translation import TranslationConfig, TranslationTask
-
-    task = TranslationTask.setup_task(TranslationConfig(data=data_bin, source_lang="de", target_lang="en", dataset_impl="mmap"))
-    task.load_dataset("train")
-    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=max_tokens, max_positions=(1024, 1024),
-                                  required_batch_size_multiple=multiple, seed=1)
-    return len(itr)
-
-
 def teacher_cmd(p, a, max_update):
     return [tool("fairseq-train"), p.path("data-bin"), "--source-lang", "de", "--target-lang", "en",
             "--seed", str(a.seed)] + arch_flags(a.quick) + TEACHER + EVAL_BLEU + [
@@ -82,7 +71,7 @@ def teacher_cmd(p, a, max_update):
 
 
 def inflight_dir(a):
-    return os.path.join(ARTIFACTS, "inflight", "plateau-teacher" + ("-quick" if a.quick else ""))
+    return os.path.join(ARTIFACTS, "inflight", "plateau-teacher") if not a.quick else os.path.join(a.work, "inflight")
 
 
 def restore_inflight(p, a):
@@ -146,12 +135,12 @@ def train_teacher(p, a, cmd):
 
 
 def weights_only(src, dst):
-    """The checkpoint without optimizer state (what fairseq-generate and the KD task load); returns sha256."""
+    """The checkpoint without optimizer state (what fairseq-generate and the KD task load; its small extra_state
+    stays: fairseq's checkpoint upgrade reads it); returns sha256."""
     import torch
 
     state = torch.load(src, map_location="cpu", weights_only=False)
     state["last_optimizer_state"] = None
-    state.pop("extra_state", None)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     torch.save(state, dst + ".tmp")
     os.replace(dst + ".tmp", dst)
@@ -174,28 +163,21 @@ def test_scores(p, ckpt):
     return BLEU().corpus_score(hyps, [refs]).score, CHRF().corpus_score(hyps, [refs]).score, cmd
 
 
-def relative(cmd):
-    return [os.path.relpath(x, REPO) if isinstance(x, str) and x.startswith(REPO) else x for x in cmd]
-
-
 def finish(p, a, cmd):
-    """Weights-only teacher in artifacts/, its test scores and its record; the in-flight copy removed."""
-    name = "teacher-quick.pt" if a.quick else "teacher.pt"
-    dst = os.path.join(ARTIFACTS, "plateau", name)
+    """Weights-only teacher (artifacts/plateau/teacher.pt; WORK/teacher-quick.pt with --quick), its test scores
+    and its record (docs/plateau_results.json; WORK/teacher.json only with --quick); the in-flight copy removed."""
+    dst = plateau.teacher_pt(p)
     sha = weights_only(p.path("ckpt", "teacher", "checkpoint_best.pt"), dst)
     bleu, chrf, gen = test_scores(p, dst)
     curve = epoch_curve(p.path("logs", "teacher.log"))
     record = {"method": "teacher", "seed": a.seed, "size": "teacher", "quick": a.quick, "teacher_sha256": sha,
-              "checkpoint": os.path.relpath(dst, REPO), "command": relative(cmd), "threads": a.threads,
-              "generate_command": relative(gen), "curve": curve, "epochs": len(curve),
+              "checkpoint": os.path.relpath(dst, REPO), "command": plateau.relative(cmd), "threads": a.threads,
+              "generate_command": plateau.relative(gen), "curve": curve, "epochs": len(curve),
               "best_epoch": max(curve, key=lambda c: c["valid_bleu"])["epoch"],
               "test_bleu": bleu, "test_chrf": chrf}
     if not a.quick:
-        records = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else []
-        records = [r for r in records if r.get("method") != "teacher"] + [record]
-        with open(RESULTS + ".tmp", "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(RESULTS + ".tmp", RESULTS)
+        records = [r for r in plateau.load_records() if r.get("method") != "teacher"]
+        plateau.save_records([record] + records)
     with open(p.path("teacher.json"), "w") as f:
         json.dump(record, f, indent=1)
     shutil.rmtree(inflight_dir(a), ignore_errors=True)
@@ -211,19 +193,19 @@ def main(argv=None):
     parser.add_argument("--max-epoch", type=int, default=30, help="cap on epochs = the cosine schedule's budget")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of training and scoring")
     parser.add_argument("--snapshot", action="store_true", help="copy the in-flight run to artifacts/inflight")
-    a = parser.parse_args(argv)
+    a, data_flags = parser.parse_known_args(argv)  # the rest: the demo's data flags (--data, sizes), as tests use
     a.work = a.work or os.path.join(REPO, "work", "plateau-quick" if a.quick else "plateau")
-    d = demo_args(["--work", a.work, "--threads", str(a.threads)] + (["--quick"] if a.quick else []))
+    d = demo_args(["--work", a.work, "--threads", str(a.threads)] + (["--quick"] if a.quick else []) + data_flags)
     p = Pipeline(d)
     if a.snapshot:
         return snapshot(p, a)
     try:
         prepare_data(p)
-        cmd = teacher_cmd(p, a, a.max_epoch * updates_per_epoch(p.path("data-bin")))
+        cmd = teacher_cmd(p, a, a.max_epoch * plateau.updates_per_epoch(p.path("data-bin"), 1500))
         restore_inflight(p, a)
         train_teacher(p, a, cmd)
         finish(p, a, cmd)
-    except StepFailed as e:
+    except (StepFailed, CorpusError) as e:
         sys.exit("plateau_teacher: %s" % e)
 
 

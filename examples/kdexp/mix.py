@@ -113,12 +113,22 @@ def paired_bootstrap(hyps_a, hyps_b, refs, resamples=1000, seed=12345):
     """BLEU(a) - BLEU(b) over ``resamples`` draws of test-sentence ids, seeds pooled (hyps_x: one list of
     hypotheses per seed, refs: the references): each draw sums the sentences' BLEU statistics over the drawn
     ids in every seed. Returns (mean difference, 2.5% and 97.5% quantiles, p = share of differences <= 0)."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    return bootstrap_stats(*([bleu._extract_corpus_statistics(h, [refs]) for h in hyps] for hyps in (hyps_a, hyps_b)),
+                           resamples=resamples, seed=seed)
+
+
+def bootstrap_stats(stats_a, stats_b, resamples=1000, seed=12345):
+    """paired_bootstrap from the sentences' BLEU statistics (stats_x: one n x 10 list per seed, sacreBLEU's
+    per-sentence statistics), so records that keep them need no hypotheses."""
     import numpy as np
     from sacrebleu.metrics import BLEU
 
-    bleu, n = BLEU(), len(refs)
-    pooled = [np.sum([np.asarray(bleu._extract_corpus_statistics(h, [refs]), dtype=np.int64) for h in hyps], 0)
-              for hyps in (hyps_a, hyps_b)]  # n x statistics, summed over seeds
+    bleu = BLEU()
+    pooled = [np.sum([np.asarray(s, dtype=np.int64) for s in stats], 0) for stats in (stats_a, stats_b)]
+    n = len(pooled[0])  # sentences; statistics summed over seeds
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(resamples):

@@ -1,0 +1,151 @@
+"""docs/PLATEAU.md and docs/plateau.png from docs/plateau_results.json (`examples/plateau.py --report`): (a) the
+plateau table with the paired bootstrap of each method against the best other, (b) quality per compute, (c) the
+on-policy stage, (d) decoding, with however many seeds exist (each row says its count).
+"""
+import os
+import statistics
+
+from kdexp.mix import bootstrap_stats
+from kdexp.pipeline import REPO, write_lines
+
+METHODS = ("plain", "token", "sentence", "hybrid", "hybrid-gate")
+STAGE_ARMS = ("stage-on-policy-1", "stage-on-policy-0.5", "stage-token")
+FRACTIONS = (0.25, 0.5, 1.0)
+COMMAND = "PYTHONPATH=examples .venv/bin/python examples/plateau.py --report"
+
+
+def by_method(records, names):
+    out = {m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"]) for m in names}
+    return {m: rs for m, rs in out.items() if rs}
+
+
+def ms(values):
+    """'mean ± std' (std over >= 2 values)."""
+    values = list(values)
+    if len(values) < 2:
+        return "%.2f" % values[0]
+    return "%.2f ± %.2f" % (statistics.mean(values), statistics.stdev(values))
+
+
+def bootstrap_cell(rows, name, other):
+    if other is None:
+        return "-"
+    d, lo, hi, p = bootstrap_stats([r["bleu_stats"] for r in rows[name]], [r["bleu_stats"] for r in rows[other]])
+    return "%+.2f [%+.2f, %+.2f], p = %.3f vs %s" % (d, lo, hi, p, other)
+
+
+def plateau_table(rows):
+    """(a): test BLEU/chrF (beam 5, the checkpoint best on validation), mean ± std over seeds."""
+    lines = ["| method | seeds | test BLEU | test chrF | best epoch | epochs run | paired-bootstrap BLEU diff "
+             "vs the best other (mean [95% CI], p) |", "|---|---|---|---|---|---|---|"]
+    means = {m: statistics.mean(r["test_bleu"] for r in rs) for m, rs in rows.items()}
+    for m, rs in rows.items():
+        others = [o for o in rows if o != m and len(rows[o]) == len(rs)]
+        best = max(others, key=means.get) if others else None
+        lines.append("| %s | %d | %s | %s | %s | %s | %s |" % (
+            m, len(rs), ms(r["test_bleu"] for r in rs), ms(r["test_chrf"] for r in rs),
+            ms(r["best_epoch"] for r in rs), ms(len(r["curve"]) for r in rs), bootstrap_cell(rows, m, best)))
+    return lines
+
+
+def bleu_at(curve, rows):
+    """Validation BLEU at ``rows`` cumulative token-rows (linear between epochs; None beyond the run)."""
+    prev = {"token_rows": 0, "valid_bleu": 0.0}
+    for c in curve:
+        if c["token_rows"] >= rows:
+            w = (rows - prev["token_rows"]) / max(c["token_rows"] - prev["token_rows"], 1)
+            return prev["valid_bleu"] + w * (c["valid_bleu"] - prev["valid_bleu"])
+        prev = c
+    return None
+
+
+def compute_table(rows):
+    """(b): each method's validation BLEU at 1/4, 1/2 and 1x the compute plain needs to reach its best epoch."""
+    if "plain" not in rows:
+        return ["(needs plain's runs)"]
+    ref = statistics.mean(next(c["token_rows"] for c in r["curve"] if c["epoch"] == r["best_epoch"])
+                          for r in rows["plain"])
+    lines = ["Compute unit: plain's token-rows to its best epoch (mean over its seeds): %s." % "{:,}".format(int(ref)),
+             "", "| method | seeds | " + " | ".join("valid BLEU at %gx" % f for f in FRACTIONS) + " |",
+             "|---|---|" + "---|" * len(FRACTIONS)]
+    best = {}
+    for m, rs in rows.items():
+        cells = []
+        for f in FRACTIONS:
+            values = [bleu_at(r["curve"], f * ref) for r in rs]
+            values = [v for v in values if v is not None]
+            cells.append(ms(values) if len(values) == len(rs) else "n/a")
+            if len(values) == len(rs):
+                best.setdefault(f, []).append((statistics.mean(values), m))
+        lines.append("| %s | %d | %s |" % (m, len(rs), " | ".join(cells)))
+    lines += ["", "Best at " + "; ".join("%gx: %s" % (f, max(best[f])[1]) for f in FRACTIONS if f in best) + "."]
+    fixed = sorted({e for rs in rows.values() for r in rs for e in r.get("fixed_epochs", {})}, key=int)
+    lines += ["", "Test BLEU (beam 5) at fixed epochs:", "",
+              "| method | " + " | ".join("epoch %s" % e for e in fixed) + " |", "|---|" + "---|" * len(fixed)]
+    for m, rs in rows.items():
+        lines.append("| %s | %s |" % (m, " | ".join(ms(r["fixed_epochs"][e] for r in rs)
+                                                    if all(e in r["fixed_epochs"] for r in rs) else "n/a"
+                                                    for e in fixed)))
+    return lines
+
+
+def decoding_table(rows, note):
+    names = ("beam5", "greedy", "sampling")
+    lines = [note, "", "| run | seeds | " + " | ".join("BLEU %s" % d for d in names) + " |", "|---|---|---|---|---|"]
+    for m, rs in rows.items():
+        lines.append("| %s | %d | %s |" % (m, len(rs), " | ".join(ms(r["decoding"][d]["bleu"] for r in rs)
+                                                                  for d in names)))
+    return lines
+
+
+def stage_lines(stages):
+    lines = decoding_table(stages, "From each seed's token_kd best checkpoint, one epoch of updates per arm "
+                                   "(commands in the records).")
+    if "stage-token" in stages:
+        for arm in STAGE_ARMS[:2]:
+            if arm in stages and len(stages[arm]) == len(stages["stage-token"]):
+                lines.append("- %s vs stage-token (beam 5): %s" % (arm, bootstrap_cell(stages, arm, "stage-token")))
+    return lines
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, rs in rows.items():
+        epochs = min(len(r["curve"]) for r in rs)
+        x = [statistics.mean(r["curve"][i]["token_rows"] for r in rs) for i in range(epochs)]
+        ys = [[r["curve"][i]["valid_bleu"] for r in rs] for i in range(epochs)]
+        ax.plot(x, [statistics.mean(y) for y in ys], label="%s (%d seeds)" % (m, len(rs)))
+        ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+    ax.set_xlabel("cumulative student token-rows (forward+backward)")
+    ax.set_ylabel("validation BLEU (greedy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def write(records, md=os.path.join(REPO, "docs", "PLATEAU.md"), png=os.path.join(REPO, "docs", "plateau.png")):
+    """Write PLATEAU.md (and the plot) from ``records``; returns its text."""
+    rows, stages = by_method(records, METHODS), by_method(records, STAGE_ARMS)
+    teacher = next((r for r in records if r["method"] == "teacher"), None)
+    lines = ["# The answer at the plateau (issue 28)", "",
+             "Generated by `%s` from docs/plateau_results.json; do not edit." % COMMAND, ""]
+    if teacher:
+        lines += ["Teacher: test BLEU %.2f, chrF %.2f (beam 5), %d epochs, best epoch %d, sha256 %s." % (
+            teacher["test_bleu"], teacher["test_chrf"], teacher["epochs"], teacher["best_epoch"],
+            teacher["teacher_sha256"]), ""]
+    if rows:
+        lines += ["## (a) Plateau", ""] + plateau_table(rows) + ["", "## (b) Quality per compute", ""] + \
+            compute_table(rows) + ["", "![validation BLEU per compute](plateau.png)", "", "## (d) Decoding", ""] + \
+            decoding_table(rows, "The checkpoint best on validation, test set.")
+        plot(rows, png)
+    if stages:
+        lines += ["", "## (c) The on-policy stage", ""] + stage_lines(stages)
+    write_lines(md, lines)
+    return "\n".join(lines)
