@@ -33,7 +33,7 @@ demo: setup
 demo-quick: setup
 	QUICK=1 $(VPY) examples/demo.py $(DEMO_ARGS)
 
-# A teacher trained to its plateau on the demo corpus (issue 20; resumable, hours on 2 cores): work/plateau
+# The plateau teacher (issue 28; resumable, hours on one core): work/plateau, then artifacts/plateau/teacher.pt
 teacher: setup
 	$(VPY) examples/plateau_teacher.py $(TEACHER_ARGS)
 
