@@ -23,7 +23,6 @@ Every flag that defines the run is spelled out below (no fairseq default is reli
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -96,23 +95,7 @@ def snapshot(p, a):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name + ".tmp"))
             os.replace(os.path.join(dst, name + ".tmp"), os.path.join(dst, name))
     shutil.copy(p.path("logs", "teacher.log"), os.path.join(dst, "teacher.log"))
-    print("snapshot in %s (epoch %d)" % (dst, len(epoch_curve(p.path("logs", "teacher.log")))))
-
-
-def epoch_curve(log):
-    """[{epoch, valid_loss, valid_nll_loss, valid_bleu, num_updates, wall}] from fairseq-train's valid lines
-    (a resumed run's repeated epoch keeps its last line)."""
-    curve = {}
-    with open(log, errors="replace") as f:
-        for line in f:
-            if "| valid on 'valid' subset" not in line:
-                continue
-            fields = dict(re.findall(r"\| (\w+) ([-\d.e+]+)", line))
-            curve[int(fields["epoch"])] = {
-                "epoch": int(fields["epoch"]), "valid_loss": float(fields["loss"]),
-                "valid_nll_loss": float(fields["nll_loss"]), "valid_bleu": float(fields.get("bleu", "nan")),
-                "num_updates": int(fields["num_updates"]), "wall": float(fields.get("wall", "nan"))}
-    return [curve[k] for k in sorted(curve)]
+    print("snapshot in %s (epoch %d)" % (dst, len(plateau.curve([p.path("logs", "teacher.log")], 0))))
 
 
 def train_teacher(p, a, cmd):
@@ -169,7 +152,7 @@ def finish(p, a, cmd):
     dst = plateau.teacher_pt(p)
     sha = weights_only(p.path("ckpt", "teacher", "checkpoint_best.pt"), dst)
     bleu, chrf, gen = test_scores(p, dst)
-    curve = epoch_curve(p.path("logs", "teacher.log"))
+    curve = plateau.curve([p.path("logs", "teacher.log")], plateau.token_rows(p)["gold"])
     record = {"method": "teacher", "seed": a.seed, "size": "teacher", "quick": a.quick, "teacher_sha256": sha,
               "checkpoint": os.path.relpath(dst, REPO), "command": plateau.relative(cmd), "threads": a.threads,
               "generate_command": plateau.relative(gen), "curve": curve, "epochs": len(curve),

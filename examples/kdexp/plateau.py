@@ -149,17 +149,22 @@ VALID_RE = re.compile(r"\| (\w+) ([-\d.e+]+)")
 
 
 def curve(logs, rows):
-    """[{epoch, updates, wall, token_rows, valid_loss, valid_bleu}] from a run's fairseq-train logs (a resumed
-    run's repeated epoch keeps its last line)."""
-    out = {}
+    """[{epoch, updates, wall, token_rows, valid_loss, valid_nll_loss, valid_bleu}] from a run's fairseq-train
+    logs (a resumed run's repeated epoch keeps its last line; wall: seconds since the run began, None if the
+    epoch ended without its summary line)."""
+    out, wall = {}, {}
     for log in logs:
         for line in open(log, errors="replace"):
             if "| valid on 'valid' subset" in line:
                 v = dict(VALID_RE.findall(line))
                 e = int(v["epoch"])
-                out[e] = {"epoch": e, "updates": int(v["num_updates"]), "wall": float(v.get("wall", "nan")),
-                          "token_rows": e * rows, "valid_loss": float(v["loss"]), "valid_bleu": float(v["bleu"])}
-    return [out[k] for k in sorted(out)]
+                out[e] = {"epoch": e, "updates": int(v["num_updates"]), "token_rows": e * rows,
+                          "valid_loss": float(v["loss"]), "valid_nll_loss": float(v["nll_loss"]),
+                          "valid_bleu": float(v["bleu"])}
+            elif "| train | epoch" in line:  # the epoch's summary: fairseq's wall clock since the run began
+                v = dict(VALID_RE.findall(line))
+                wall[int(line.split("| train | epoch")[1].split()[0])] = float(v["wall"])
+    return [dict(out[k], wall=wall.get(k)) for k in sorted(out)]
 
 
 def decode(p, ckpt, decoding, name):
