@@ -126,3 +126,4 @@ def test_report_from_the_records(study, tmp_path):
     for m in MAIN + tuple(plateau.STAGES):
         assert "| %s | 1 |" % m in text
     assert "## (a) Plateau" in text and "## (c) The on-policy stage" in text
+    assert "Every run uses --max-tokens %d" % record(study, "batch")["max_tokens"] in text

@@ -11,7 +11,7 @@ from kdexp.pipeline import REPO, write_lines
 METHODS = ("plain", "token", "sentence", "hybrid", "hybrid-gate")
 STAGE_ARMS = ("stage-on-policy-1", "stage-on-policy-0.5", "stage-token")
 FRACTIONS = (0.25, 0.5, 1.0)
-COMMAND = "PYTHONPATH=examples .venv/bin/python examples/plateau.py --report"
+COMMAND = ".venv/bin/python examples/plateau.py --report"
 
 
 def by_method(records, names):
@@ -140,6 +140,13 @@ def write(records, md=os.path.join(REPO, "docs", "PLATEAU.md"), png=os.path.join
         lines += ["Teacher: test BLEU %.2f, chrF %.2f (beam 5), %d epochs, best epoch %d, sha256 %s." % (
             teacher["test_bleu"], teacher["test_chrf"], teacher["epochs"], teacher["best_epoch"],
             teacher["teacher_sha256"]), ""]
+    batch = next((r for r in records if r["method"] == "batch"), None)
+    if batch:
+        lines += ["## Batch size", "", "Every run uses --max-tokens %d: %s (%d s of training each, one run at a "
+                  "time; commands in the record)." % (batch["max_tokens"], batch["rule"], batch["seconds_each"]), "",
+                  "| run | words/s | updates | validation loss at the end |", "|---|---|---|---|"]
+        lines += ["| %s | %.1f | %d | %.3f |" % (k, v["wps"], v["updates"], v["valid_loss"])
+                  for k, v in sorted(batch["runs"].items())] + [""]
     if rows:
         lines += ["## (a) Plateau", ""] + plateau_table(rows) + ["", "## (b) Quality per compute", ""] + \
             compute_table(rows) + ["", "![validation BLEU per compute](plateau.png)", "", "## (d) Decoding", ""] + \
