@@ -31,8 +31,8 @@ import time
 from kdexp import plateau
 from kdexp.corpus import CorpusError
 from kdexp.options import parse_args as demo_args
-from kdexp.pipeline import REPO, Pipeline, StepFailed, read_lines, sha256, tool
-from kdexp.recipes import MAX_LEN, SIDES, hypotheses, prepare_data
+from kdexp.pipeline import REPO, Pipeline, StepFailed, sha256, tool
+from kdexp.recipes import SIDES, prepare_data
 
 # (full, quick) architecture: the demo's teacher (kdexp/options.py DEFAULTS)
 ARCH = {"layers": (2, 1), "dim": (128, 32), "ffn": (512, 64), "heads": (4, 2)}
@@ -130,28 +130,12 @@ def weights_only(src, dst):
     return sha256(dst)
 
 
-def test_scores(p, ckpt):
-    """(BLEU, chrF) of stock fairseq-generate, beam 5, the demo's length cap, on the test set."""
-    cmd = [tool("fairseq-generate"), p.path("data-bin"), "--path", ckpt, "--source-lang", "de",
-           "--target-lang", "en", "--gen-subset", "test", "--beam", "5", "--batch-size", "64",
-           "--remove-bpe", "sentencepiece"] + MAX_LEN
-    log = p.path("logs", "eval-plateau-teacher.log")
-    with open(log, "w") as f:
-        if subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=p.env) != 0:
-            raise StepFailed("fairseq-generate failed; log: %s" % log)
-    from sacrebleu.metrics import BLEU, CHRF
-
-    refs = read_lines(p.path("corpus", "test.en"))
-    hyps = hypotheses(log, len(refs))
-    return BLEU().corpus_score(hyps, [refs]).score, CHRF().corpus_score(hyps, [refs]).score, cmd
-
-
 def finish(p, a, cmd):
     """Weights-only teacher (artifacts/plateau/teacher.pt; WORK/teacher-quick.pt with --quick), its test scores
     and its record (docs/plateau_results.json; WORK/teacher.json only with --quick); the in-flight copy removed."""
     dst = plateau.teacher_pt(p)
     sha = weights_only(p.path("ckpt", "teacher", "checkpoint_best.pt"), dst)
-    bleu, chrf, gen = test_scores(p, dst)
+    bleu, chrf, _, gen = plateau.decode(p, dst, "beam5", "plateau-teacher")  # the students' decoding
     curve = plateau.curve([p.path("logs", "teacher.log")], plateau.token_rows(p)["gold"])
     record = {"method": "teacher", "seed": a.seed, "size": "teacher", "quick": a.quick, "teacher_sha256": sha,
               "checkpoint": os.path.relpath(dst, REPO), "command": plateau.relative(cmd), "threads": a.threads,
