@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from conftest import TEACHER_ARCH
 from helpers import kd_train, last_valid, load_state, run, train
 from inproc import build, criterion_loss, first_batch
 
@@ -92,15 +93,26 @@ def _mean_kl_to_teacher(data_bin, student_ckpt, teacher_ckpt):
     return log["kd_loss"].item() / log["ntokens"]
 
 
-def test_kd_student_gets_closer_to_teacher_and_decodes_with_stock_fairseq(data_bin, teacher, teacher2, tmp_path):
-    """Train the same student with and without KD; the KD student has the lower KL to the teacher."""
+@pytest.fixture(scope="module")
+def soft_teacher(tmp_path_factory, data_bin):
+    """A teacher whose distributions are far from the gold one-hot targets: the teacher architecture trained with
+    label smoothing 0.5, so it spreads half its mass where a student trained on gold (smoothing 0.1) puts ~none."""
+    save = str(tmp_path_factory.mktemp("soft-teacher"))
+    train(data_bin, save, "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.5",
+          arch=TEACHER_ARCH, max_update=150)
+    return save + "/checkpoint_last.pt"
+
+
+def test_kd_student_gets_closer_to_teacher_and_decodes_with_stock_fairseq(data_bin, soft_teacher, teacher,
+                                                                             teacher2, tmp_path):
+    """Train the same student with and without KD from a soft teacher; the KD student has the lower KL to it."""
     plain, kd, ens = (str(tmp_path / n) for n in ("plain", "kd", "ens"))
     train(data_bin, plain, "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1")
-    log = kd_train(data_bin, kd, "--criterion", "token_kd", "--teacher-path", teacher, "--kd-alpha", "1")
+    log = kd_train(data_bin, kd, "--criterion", "token_kd", "--teacher-path", soft_teacher, "--kd-alpha", "1")
     assert "kd_loss" in log
-    kl_plain = _mean_kl_to_teacher(data_bin, plain + "/checkpoint_last.pt", teacher)
-    kl_kd = _mean_kl_to_teacher(data_bin, kd + "/checkpoint_last.pt", teacher)
-    assert kl_kd < 0.95 * kl_plain, (kl_kd, kl_plain)  # measured: 1.258 vs 1.348 nats/token
+    kl_plain = _mean_kl_to_teacher(data_bin, plain + "/checkpoint_last.pt", soft_teacher)
+    kl_kd = _mean_kl_to_teacher(data_bin, kd + "/checkpoint_last.pt", soft_teacher)
+    assert kl_kd < 0.8 * kl_plain, (kl_kd, kl_plain)  # measured: 0.423 vs 0.678 nats/token (0.62x)
 
     # top-K and an ensemble train too, with the same tiny budget
     log = kd_train(data_bin, ens, "--criterion", "token_kd", "--teacher-path", teacher + ":" + teacher2,
