@@ -47,7 +47,7 @@ try:  # the examples' library: make bench runs with PYTHONPATH=examples
     from kdexp import report as demo_report
     from kdexp.configs import BENCH as CONFIGS, PROBES, ConfigError
     from kdexp.options import DEFAULTS
-    from kdexp.pipeline import REPO, Pipeline, StepFailed, tool, write_lines
+    from kdexp.pipeline import REPO, Pipeline, StepFailed, repo_relative, tool, write_lines
     from kdexp.recipes import MAX_LEN, model_args
 except ModuleNotFoundError as e:
     if e.name != "kdexp":
@@ -593,7 +593,7 @@ def main(argv=None):
             log = p.path("logs", "run-r%d-%s.log" % (rnd, name))
             cmd = config_cmd(a, name, paths)
             r = run_measured(cmd, log, env, a.warmup, a.warmup + a.updates)
-            r["train_cmd"] = [demo_report.repo_relative(str(x)) for x in cmd]  # the full command, as run
+            r["train_cmd"] = [repo_relative(str(x)) for x in cmd]  # the full command, as run
             if r["rc"] != 0:
                 with open(log, errors="replace") as f:
                     sys.stderr.write("".join(f.readlines()[-30:]))

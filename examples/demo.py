@@ -30,8 +30,9 @@ from kdexp import corpus as build_corpus
 from kdexp.data import check_user_corpus
 from kdexp.options import parse_args
 from kdexp.pipeline import REPO, Pipeline, StepFailed, write_lines
+from kdexp.plateau_gap import PlateauTeacherError, check_plateau_teacher, install_plateau_teacher
 from kdexp.recipes import (build_teacher, checkpoint, cost_rank, distill, dump_cache, evaluate, generate_cmd, needs,
-                           shape, student_args, student_threads, teacher_sha256, train)
+                           prepare_data, shape, student_args, student_threads, teacher_sha256, train)
 from kdexp.report import report
 from kdexp.speed import export, inference_columns
 
@@ -63,17 +64,22 @@ def train_students(p):
 
 def main(argv=None):
     a = parse_args(argv, __doc__.split("\n\n")[0])
-    if a.data:  # before anything is written
-        try:
+    try:  # before anything is written
+        if a.data:
             check_user_corpus(a)
-        except build_corpus.CorpusError as e:
-            print("demo: error: %s" % e, file=sys.stderr)
-            sys.exit(2)
+        record = check_plateau_teacher(a) if a.plateau_teacher else None
+    except (build_corpus.CorpusError, PlateauTeacherError) as e:
+        print("demo: error: %s" % e, file=sys.stderr)
+        sys.exit(2)
     p = Pipeline(a)
     p.progress("demo", "work directory %s (%s mode, %s -> %s)" % (p.work, "QUICK" if a.quick else "full",
                                                                   a.src_lang, a.tgt_lang))
     try:
-        build_teacher(p)
+        if record:
+            prepare_data(p)
+            install_plateau_teacher(p, record)
+        else:
+            build_teacher(p)
         results = {"teacher": evaluate(p, "teacher")}
         p.progress("teacher", "BLEU %.1f chrF %.1f" % (results["teacher"]["bleu"], results["teacher"]["chrf"]))
         export(p, "teacher", checkpoint(p, "teacher"))
@@ -84,6 +90,9 @@ def main(argv=None):
             dump_cache(p)
         results.update(train_students(p))
         columns = inference_columns(p, list(results), checkpoint, lambda name: generate_cmd(p, name))
+    except PlateauTeacherError as e:
+        print("demo: error: %s" % e, file=sys.stderr)
+        sys.exit(2)
     except (StepFailed, build_corpus.CorpusError) as e:
         sys.exit("demo: %s" % e)
     sha = teacher_sha256(p)
@@ -93,7 +102,7 @@ def main(argv=None):
     text = report(p, results, {s: student_args(p, s) for s in a.students}, generate_cmd(p, "SYSTEM"),
                   student_threads(a), {role: shape(a, role) for role in ("teacher", "student")})
     write_lines(p.path("results.md"), text.split("\n"))
-    docs = not a.quick and not a.data  # only the default corpus's full run is the repository's DEMO.md
+    docs = not (a.quick or a.data or a.plateau_teacher)  # only the default full run is the repository's DEMO.md
     if docs:
         os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
         write_lines(os.path.join(REPO, "docs", "DEMO.md"), text.split("\n"))

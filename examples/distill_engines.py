@@ -32,8 +32,8 @@ from kdexp import corpus, recipes
 from kdexp.distill import BEAM, CONFIGS, COMMON, CORPORA, ENGINES, report, write_block
 from kdexp.mix import train_and_score
 from kdexp.options import parse_args as demo_args
-from kdexp.pipeline import REPO, Pipeline, StepFailed, read_lines, tool
-from kdexp.report import machine, repo_relative
+from kdexp.pipeline import REPO, Pipeline, StepFailed, read_lines, repo_relative, tool
+from kdexp.report import machine
 
 RATE_RE = re.compile(r"(\d+) sentences in ([\d.]+) s \(([\d.]+) sents/s\)")
 CONVERT_RE = re.compile(r"CTranslate2 model: .* \(converted")

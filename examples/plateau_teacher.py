@@ -16,7 +16,7 @@ log to artifacts/inflight/plateau-teacher/ (commit them before a stop); a later 
 work directory has none and continues (fairseq-train restores checkpoint_last.pt; its early-stopping counter
 restarts, the best score does not). When training ends, the best checkpoint's weights (no optimizer state)
 go to artifacts/plateau/teacher.pt, it is scored on the test set (stock fairseq-generate, beam 5,
-sacreBLEU), its record (command, per-epoch curve, test BLEU/chrF, sha256) is appended to
+sacreBLEU), its record (command, per-epoch curve, test BLEU/chrF, sha256, its dictionary's sha256) is appended to
 docs/plateau_results.json, and the in-flight copy is removed.
 Every flag that defines the run is spelled out below (no fairseq default is relied on).
 """
@@ -141,7 +141,8 @@ def finish(p, a, cmd):
               "checkpoint": os.path.relpath(dst, REPO), "command": plateau.relative(cmd), "threads": a.threads,
               "generate_command": plateau.relative(gen), "curve": curve, "epochs": len(curve),
               "best_epoch": max(curve, key=lambda c: c["valid_bleu"])["epoch"],
-              "test_bleu": bleu, "test_chrf": chrf}
+              "test_bleu": bleu, "test_chrf": chrf,
+              "dictionary_sha256": sha256(p.path("data-bin", "dict.en.txt"))}  # what --plateau-teacher checks
     if not a.quick:
         records = [r for r in plateau.load_records() if r.get("method") != "teacher"]
         plateau.save_records([record] + records)

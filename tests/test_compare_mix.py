@@ -12,8 +12,7 @@ import sys
 
 import pytest
 from kdexp import configs, mix, speed
-from kdexp.pipeline import EXAMPLES, read_lines
-from kdexp.report import repo_relative
+from kdexp.pipeline import EXAMPLES, read_lines, repo_relative
 
 from helpers import REPO, driver_env
 from test_demo import TINY, check_configs, criterion_flags, flag_values, flags_of, write_tsv

@@ -127,3 +127,74 @@ def test_report_from_the_records(study, tmp_path):
         assert "| %s | 1 |" % m in text
     assert "## (a) Plateau" in text and "## (c) The on-policy stage" in text
     assert "Every run uses --max-tokens %d" % record(study, "batch")["max_tokens"] in text
+
+
+def test_demo_report_states_its_distance_to_the_plateau():
+    """The default full demo is comparable with the committed plateau teacher (same corpus and architecture) and
+    the plateau students (plateau.arch); its report line puts each system beside its plateau, averaging the
+    recorded seeds, and says why a quick, --data or other-architecture run is not comparable."""
+    from kdexp import plateau_gap
+    from kdexp.options import parse_args as demo_args
+
+    a = demo_args([])
+    teacher = next(r for r in plateau.load_records() if r["method"] == "teacher")  # the committed record
+    student, other = plateau.arch(False), plateau.arch(True)
+    records = [teacher] + [{"method": "plain", "seed": s, "command": student, "test_bleu": b, "best_epoch": e}
+                           for s, b, e in ((2, 31.5, 38), (1, 30.5, 30))] + [
+        {"method": "hybrid", "seed": 1, "command": other, "test_bleu": 33.0, "best_epoch": 20}]
+    results = {"teacher": {"bleu": 24.24}, "plain": {"bleu": 19.04}, "hybrid": {"bleu": 18.0}}
+    line = plateau_gap.plateau_line(a, results, records)
+    assert line.startswith("- Distance to the plateau (docs/PLATEAU.md: ")
+    assert ("teacher 24.2 BLEU here (%s epochs) vs %.1f at its plateau (best epoch %d of %d)"
+            % (a.teacher_epochs, teacher["test_bleu"], teacher["best_epoch"], teacher["epochs"])) in line
+    assert "; plain 19.0 here vs 31.0 at its plateau (2 seeds; best epochs 30/38)" in line
+    assert "; hybrid 18.0 here, no plateau run yet" in line  # its record has another student architecture
+    assert line.endswith("(students here: %s epochs)" % a.student_epochs)
+    for argv, why in (([], "a QUICK smoke run"), (["--data", "pairs.tsv"], "another corpus (--data)"),
+                      (["--bpe-size", "8000"], "other data sizes: --bpe-size"),
+                      (["--teacher-dim", "256"], "another teacher architecture than the plateau teacher's")):
+        b = demo_args(argv + (["--quick"] if why.startswith("a QUICK") else []))
+        assert plateau_gap.plateau_line(b, results, records).endswith("not comparable (%s)" % why)
+
+
+def test_demo_distils_the_plateau_teacher_when_asked(study, tmp_path):
+    """demo --plateau-teacher RECORD: nothing trains the teacher; the run's teacher is the recorded checkpoint
+    (its sha256), decodes the test set to the recorded BLEU, and the report says so. A teacher architecture or a
+    dictionary other than the record's stops the run: one line naming the flag, exit status 2, no teacher."""
+    path = os.path.join(study["work"], "teacher.json")
+    with open(path) as f:
+        rec = json.load(f)
+    base = [sys.executable, os.path.join(REPO, "examples", "demo.py"), "--quick", "--data", study["tsv"]] + DATA + [
+        "--plateau-teacher", path, "--students", "plain", "--threads", "1"]
+    quick_teacher = ["--teacher-dim", "32", "--teacher-ffn", "64"]  # plateau_teacher.py --quick's shape
+
+    def demo(work, *extra):
+        return subprocess.run(base + ["--work", work] + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=900, cwd=REPO, env=driver_env())
+
+    out = demo(str(tmp_path / "arch"))  # the demo's quick teacher shape (d=64), not the record's
+    assert out.returncode == 2 and out.stderr.startswith("demo: error: --plateau-teacher: its architecture ") \
+        and out.stderr.count("\n") == 1, out.stderr
+    assert not os.path.exists(tmp_path / "arch")
+    out = demo(str(tmp_path / "dict"), "--bpe-size", "80", *quick_teacher)  # another BPE: another dictionary
+    assert out.returncode == 2 and "is not the dictionary the teacher was trained with" in out.stderr \
+        and out.stderr.count("\n") == 1, out.stderr
+    assert not os.path.exists(tmp_path / "dict" / "ckpt" / "teacher")
+
+    work = str(tmp_path / "demo")
+    out = demo(work, *quick_teacher)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sha256(os.path.join(work, "ckpt", "teacher", "checkpoint_last.pt")) == rec["teacher_sha256"]
+    with open(os.path.join(work, "logs", "train-teacher.log")) as f:
+        assert "fairseq-train" not in f.read()  # the step installed it, nothing trained it
+    with open(os.path.join(work, "results.json")) as f:
+        results = json.load(f)
+    assert results["teacher"]["bleu"] == pytest.approx(rec["test_bleu"], abs=1e-9)  # its decoding, its test set
+    best = next(c for c in rec["curve"] if c["epoch"] == rec["best_epoch"])
+    assert results["teacher"]["updates"] == best["updates"]
+    with open(os.path.join(work, "results.md")) as f:
+        report = f.read()
+    assert "the plateau teacher of `%s` (--plateau-teacher: trained to convergence" % os.path.relpath(path, REPO) \
+        in report
+    assert "- Distance to the plateau (docs/PLATEAU.md: the same corpus and architectures trained to " \
+           "convergence): not comparable (a QUICK smoke run)\n" in report

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from kdexp import configs, study_report
-from kdexp.report import repo_relative
+from kdexp.pipeline import repo_relative
 from kdexp.study import run_name
 
 from helpers import REPO, driver_env

@@ -11,8 +11,7 @@ import statistics
 
 from kdexp import recipes, speed
 from kdexp.configs import MIX, RETIRED
-from kdexp.pipeline import REPO, read_lines
-from kdexp.report import repo_relative
+from kdexp.pipeline import REPO, read_lines, repo_relative
 
 FIELD_RE = re.compile(r"\| (\w+) ([\d.]+)")
 

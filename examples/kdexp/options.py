@@ -11,6 +11,8 @@ from kdexp.configs import DEFAULT_STUDENTS, STUDENTS
 from kdexp.pipeline import REPO
 from kdexp.recipes import DISTILL_ENGINES, SIDES
 
+PLATEAU_RECORDS = os.path.join(REPO, "docs", "plateau_results.json")
+
 LANG_RE = re.compile(r"^[A-Za-z0-9_]+$")  # fairseq names files {split}.{src}-{tgt}.{lang}
 # Default sizes: (full, quick); 0 pairs = the whole split. Their measured cost (train time of each system, the
 # distillation, the run's wall time, with the command and the machine): docs/DEMO.md.
@@ -58,6 +60,10 @@ def parse_args(argv=None, description=None):
     parser.add_argument("--jobs", type=int, default=min(len(os.sched_getaffinity(0)), 4),
                         help="students trained (and scored) at the same time")
     parser.add_argument("--max-update", type=int, default=0, help="stop every training here too (0: epochs only)")
+    parser.add_argument("--plateau-teacher", nargs="?", const=PLATEAU_RECORDS, default=None, metavar="RECORDS",
+                        help="distil the plateau study's teacher instead of training one: the teacher record of "
+                             "RECORDS (default docs/plateau_results.json: artifacts/plateau/teacher.pt, trained "
+                             "to convergence on the default corpus); work directory default gets -plateau-teacher")
     for key, values in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=values[column], help=HELP.get(key))
     for role in ("teacher", "student"):
@@ -80,7 +86,7 @@ def parse_args(argv=None, description=None):
         if a.data:
             stem = re.sub(r"[^\w.-]+", "_", os.path.splitext(os.path.basename(a.data))[0])
             name = "%s-%s-%s-%s" % (name, stem, a.src_lang, a.tgt_lang)
-        a.work = os.path.join(REPO, "work", name)
+        a.work = os.path.join(REPO, "work", name + ("-plateau-teacher" if a.plateau_teacher else ""))
     a.work, a.cache = os.path.abspath(a.work), os.path.abspath(a.cache)
     a.data = a.data and os.path.abspath(a.data)
     a.students = [s for s in a.students.split(",") if s]

@@ -127,6 +127,11 @@ def tool(name):
     return exe
 
 
+def repo_relative(arg):
+    """A path under the repository as a relative one (commands in records and reports)."""
+    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
+
+
 def read_lines(path):
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]

@@ -20,9 +20,9 @@ import shutil
 import time
 
 from kdexp import configs, recipes
+from kdexp.options import PLATEAU_RECORDS as RESULTS
 from kdexp.pipeline import REPO, read_lines, sha256, tool
 
-RESULTS = os.path.join(REPO, "docs", "plateau_results.json")
 ARTIFACTS = os.path.join(REPO, "artifacts")
 FIXED_EPOCHS = (2, 4, 8, 16, 32)
 BUDGET_EPOCHS = {False: 40, True: 3}  # the cosine budget (and cap) in epochs of gold batches

@@ -11,8 +11,7 @@ import shutil
 
 from kdexp.configs import CACHE_TOPK, STUDENTS, TEACHER
 from kdexp.data import corpus_step_cmd, make_corpus, preprocess_cmd, train_bpe
-from kdexp.pipeline import REPO, StepFailed, read_lines, sha256, tool, write_lines
-from kdexp.report import repo_relative
+from kdexp.pipeline import REPO, StepFailed, read_lines, repo_relative, sha256, tool, write_lines
 
 # Output length cap of evaluation and distillation (1.2 * source + 10): keeps a weak model's degenerate
 # repetitions from running to 200 tokens, which would dominate CPU decoding time.

@@ -11,7 +11,8 @@ import time
 
 from kdexp import corpus as build_corpus
 from kdexp.data import SPLITS, full_corpus_dir
-from kdexp.pipeline import REPO, read_lines
+from kdexp.pipeline import REPO, read_lines, repo_relative
+from kdexp.plateau_gap import plateau_line
 from kdexp.speed import BATCH, BEAM
 
 
@@ -80,8 +81,11 @@ def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
     ]
     lines += [line for line in [cleaning_line(p)] if line]
     lines += [
-        "- Teacher: transformer %s, %s epochs (%.0f s); checkpoint sha256 %s" % (
-            arch(shapes["teacher"]), a.teacher_epochs, teacher_train, results["teacher"]["teacher_sha256"]),
+        "- Teacher: transformer %s, %s; checkpoint sha256 %s" % (
+            arch(shapes["teacher"]), "the plateau teacher of `%s` (--plateau-teacher: trained to convergence by "
+            "examples/plateau_teacher.py), not trained by this run" % repo_relative(a.plateau_teacher)
+            if a.plateau_teacher else "%s epochs (%.0f s)" % (a.teacher_epochs, teacher_train),
+            results["teacher"]["teacher_sha256"]),
         "- Students (all): transformer %s, %s epochs, same seed, lr and --max-tokens (students that train on "
         "teacher-decoded targets batch by those targets' lengths, so their update counts differ)"
         % (arch(shapes["student"]), a.student_epochs),
@@ -89,6 +93,7 @@ def report(p, results, criteria, decode_cmd, threads_per_student, shapes):
         % (a.lr, a.warmup, a.max_tokens, a.dropout, a.seed, ", max-update %s" % a.max_update if a.max_update else ""),
         "- Student criteria: %s" % "; ".join("%s: `%s`" % (s, " ".join(map(repo_relative, args)))
                                              for s, args in criteria.items()),
+        plateau_line(a, results),
     ]
     if distill:
         engine = "CTranslate2 float32" if a.distill_engine == "ctranslate2" else "fairseq"
@@ -131,10 +136,6 @@ def arch(s):
     """``layers E+D, d=..., ffn FE+FD, H heads`` of a shape (recipes.shape: encoder+decoder)."""
     return "layers %s+%s, d=%s, ffn %s+%s, %s heads (encoder+decoder)" % (
         s["encoder_layers"], s["decoder_layers"], s["dim"], s["encoder_ffn"], s["decoder_ffn"], s["heads"])
-
-
-def repo_relative(arg):
-    return os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg
 
 
 def _torch_threads():

@@ -12,8 +12,7 @@ import sys
 from kdexp import configs, recipes, study_levels, study_report
 from kdexp.configs import CACHE_TOPK as K
 from kdexp.mix import valid_curve
-from kdexp.pipeline import REPO, StepFailed, read_lines, write_lines
-from kdexp.report import repo_relative
+from kdexp.pipeline import REPO, StepFailed, read_lines, repo_relative, write_lines
 
 # fairseq-generate flags of each decoding level, appended to the demo's test decoding (beam 5, length cap)
 DECODINGS = {"beam5": ["--beam", "5"], "greedy": ["--beam", "1"],
