@@ -19,12 +19,12 @@ def by_method(records, names):
     return {m: rs for m, rs in out.items() if rs}
 
 
-def ms(values):
-    """'mean ± std' (std over >= 2 values)."""
+def ms(values, digits=2):
+    """'mean ± std' (std over >= 2 values) with ``digits`` decimals."""
     values = list(values)
     if len(values) < 2:
-        return "%.2f" % values[0]
-    return "%.2f ± %.2f" % (statistics.mean(values), statistics.stdev(values))
+        return "%.*f" % (digits, values[0])
+    return "%.*f ± %.*f" % (digits, statistics.mean(values), digits, statistics.stdev(values))
 
 
 def bootstrap_cell(rows, name, other):
@@ -44,7 +44,8 @@ def plateau_table(rows):
         best = max(others, key=means.get) if others else None
         lines.append("| %s | %d | %s | %s | %s | %s | %s |" % (
             m, len(rs), ms(r["test_bleu"] for r in rs), ms(r["test_chrf"] for r in rs),
-            ms(r["best_epoch"] for r in rs), ms(len(r["curve"]) for r in rs), bootstrap_cell(rows, m, best)))
+            ms((r["best_epoch"] for r in rs), 1 if len(rs) > 1 else 0),
+            ms((len(r["curve"]) for r in rs), 1 if len(rs) > 1 else 0), bootstrap_cell(rows, m, best)))
     return lines
 
 
@@ -119,7 +120,7 @@ def plot(rows, path):
         epochs = min(len(r["curve"]) for r in rs)
         x = [statistics.mean(r["curve"][i]["token_rows"] for r in rs) for i in range(epochs)]
         ys = [[r["curve"][i]["valid_bleu"] for r in rs] for i in range(epochs)]
-        ax.plot(x, [statistics.mean(y) for y in ys], label="%s (%d seeds)" % (m, len(rs)))
+        ax.plot(x, [statistics.mean(y) for y in ys], label="%s (%d seed%s)" % (m, len(rs), "s" if len(rs) > 1 else ""))
         ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
     ax.set_xlabel("cumulative student token-rows (forward+backward)")
     ax.set_ylabel("validation BLEU (greedy)")
