@@ -129,6 +129,28 @@ def test_report_from_the_records(study, tmp_path):
     assert "Every run uses --max-tokens %d" % record(study, "batch")["max_tokens"] in text
 
 
+def test_schedule_pair_section_from_the_committed_records(tmp_path):
+    """The schedule pair (plain seed 1: cosine vs inverse_sqrt), from the committed records: each run's stopping
+    reason (inverse_sqrt: patience when it ended before its --max-epoch cap), compute to its best epoch, and the
+    paired bootstrap of their test sentences."""
+    from kdexp.mix import bootstrap_stats
+
+    records = plateau.load_records()
+    pair = [next(r for r in records if r["method"] == m and r["seed"] == 1) for m in ("plain", "schedule-inverse_sqrt")]
+    text = plateau_report.write(records, md=str(tmp_path / "P.md"), png=str(tmp_path / "p.png"))
+    rows = [next(c for c in r["curve"] if c["epoch"] == r["best_epoch"])["token_rows"] for r in pair]
+    cmd = pair[1]["command"]
+    stopped = "patience" if len(pair[1]["curve"]) < int(cmd[cmd.index("--max-epoch") + 1]) else "cap"
+    assert "| 1 | inverse_sqrt | %s | %d | %d | %s |" % (stopped, len(pair[1]["curve"]), pair[1]["best_epoch"],
+                                                         "{:,}".format(rows[1])) in text
+    assert "| 1 | cosine | cap | %d | %d | %s |" % (len(pair[0]["curve"]), pair[0]["best_epoch"],
+                                                   "{:,}".format(rows[0])) in text
+    d, lo, hi, p = bootstrap_stats([pair[0]["bleu_stats"]], [pair[1]["bleu_stats"]])
+    assert ("Seed 1: cosine reaches its best with %.2fx inverse_sqrt's token-rows to its best; test BLEU, cosine "
+            "minus inverse_sqrt (paired bootstrap): %+.2f [%+.2f, %+.2f], p = %.3f" % (rows[0] / rows[1], d, lo, hi, p)
+            ) in text
+
+
 def test_demo_report_states_its_distance_to_the_plateau():
     """The default full demo is comparable with the committed plateau teacher (same corpus and architecture) and
     the plateau students (plateau.arch); its report line puts each system beside its plateau, averaging the

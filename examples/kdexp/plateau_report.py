@@ -1,6 +1,7 @@
 """docs/PLATEAU.md and docs/plateau.png from docs/plateau_results.json (`examples/plateau.py --report`): (a) the
 plateau table with the paired bootstrap of each method against the best other, (b) quality per compute, (c) the
-on-policy stage, (d) decoding, with however many seeds exist (each row says its count).
+on-policy stage, (d) decoding, with however many seeds exist (each row says its count); before them the
+schedule pair (cosine vs inverse_sqrt for plain) and the batch-size measurement.
 """
 import os
 import statistics
@@ -90,6 +91,37 @@ def compute_table(rows):
     return lines
 
 
+def schedule_lines(plain, other):
+    """The schedule pair: plain with the study's cosine schedule against the calibration's inverse_sqrt (each
+    with its stopping rule), per seed both exist: compute and wall time to the best epoch, quality there."""
+    seeds = sorted({r["seed"] for r in plain} & {r["seed"] for r in other})
+    if not seeds:
+        return ["(needs plain and schedule-inverse_sqrt of the same seed)"]
+    lines = ["Plain students, the same flags but the schedule and the cap: the study's cosine (3e-3 to 0 over its "
+             "budget, which is also its cap) against the calibration's inverse_sqrt (cap 60 epochs); both keep "
+             "the best checkpoint by validation BLEU (greedy) and stop after 5 epochs without a new best. "
+             "Commands in the records.", "",
+             "| seed | schedule | stopped by | epochs run | best epoch | token-rows to best | wall s to best | "
+             "best valid BLEU | test BLEU | test chrF |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for seed in seeds:
+        pair = [next(r for r in rs if r["seed"] == seed) for rs in (plain, other)]
+        for r in pair:
+            best = next(c for c in r["curve"] if c["epoch"] == r["best_epoch"])
+            cmd = [str(x) for x in r["command"]]
+            cap = int(cmd[cmd.index("--max-epoch") + 1]) if "--max-epoch" in cmd else 0
+            stopped = r["stopped"] if r["stopped"] != "patience or cap" else (
+                "patience" if 0 < cap and len(r["curve"]) < cap else "cap")
+            lines.append("| %d | %s | %s | %d | %d | %s | %.0f | %.2f | %.2f | %.2f |" % (
+                seed, r["schedule"], stopped, len(r["curve"]), r["best_epoch"],
+                "{:,}".format(best["token_rows"]), best["wall"], best["valid_bleu"], r["test_bleu"], r["test_chrf"]))
+        rows = {"cosine": [pair[0]], "inverse_sqrt": [pair[1]]}
+        ratio = [next(c for c in r["curve"] if c["epoch"] == r["best_epoch"])["token_rows"] for r in pair]
+        lines += ["", "Seed %d: cosine reaches its best with %.2fx inverse_sqrt's token-rows to its best; test BLEU, "
+                  "cosine minus inverse_sqrt (paired bootstrap): %s." % (
+                      seed, ratio[0] / ratio[1], bootstrap_cell(rows, "cosine", "inverse_sqrt"))]
+    return lines
+
+
 def decoding_table(rows, note):
     names = ("beam5", "greedy", "sampling")
     lines = [note, "", "| run | seeds | " + " | ".join("BLEU %s" % d for d in names) + " |", "|---|---|---|---|---|"]
@@ -141,6 +173,9 @@ def write(records, md=os.path.join(REPO, "docs", "PLATEAU.md"), png=os.path.join
         lines += ["Teacher: test BLEU %.2f, chrF %.2f (beam 5), %d epochs, best epoch %d, sha256 %s." % (
             teacher["test_bleu"], teacher["test_chrf"], teacher["epochs"], teacher["best_epoch"],
             teacher["teacher_sha256"]), ""]
+    pair = by_method(records, ("plain", "schedule-inverse_sqrt"))
+    if len(pair) == 2:
+        lines += ["## Schedule and stopping rule", ""] + schedule_lines(*pair.values()) + [""]
     batch = next((r for r in records if r["method"] == "batch"), None)
     if batch:
         lines += ["## Batch size", "", "Every run uses --max-tokens %d: %s (%d s of training each, one run at a "
