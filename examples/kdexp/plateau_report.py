@@ -135,6 +135,7 @@ def stage_lines(stages):
     lines = decoding_table(stages, "From each seed's token_kd best checkpoint, one epoch of updates per arm "
                                    "(commands in the records).")
     if "stage-token" in stages:
+        lines.append("")
         for arm in STAGE_ARMS[:2]:
             if arm in stages and len(stages[arm]) == len(stages["stage-token"]):
                 lines.append("- %s vs stage-token (beam 5): %s" % (arm, bootstrap_cell(stages, arm, "stage-token")))
