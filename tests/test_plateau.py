@@ -141,6 +141,7 @@ def test_schedule_pair_section_from_the_committed_records(tmp_path):
     rows = [next(c for c in r["curve"] if c["epoch"] == r["best_epoch"])["token_rows"] for r in pair]
     cmd = pair[1]["command"]
     stopped = "patience" if len(pair[1]["curve"]) < int(cmd[cmd.index("--max-epoch") + 1]) else "cap"
+    assert pair[1]["stopped"] == stopped  # the record's own reason (kdexp.plateau.stop_reason)
     assert "| 1 | inverse_sqrt | %s | %d | %d | %s |" % (stopped, len(pair[1]["curve"]), pair[1]["best_epoch"],
                                                          "{:,}".format(rows[1])) in text
     assert "| 1 | cosine | cap | %d | %d | %s |" % (len(pair[0]["curve"]), pair[0]["best_epoch"],

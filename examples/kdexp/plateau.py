@@ -102,11 +102,21 @@ def train_cmd(p, key, config, seed, max_tokens, stop, extra=()):
         ["--save-dir", p.path("ckpt", key), "--log-format", "simple", "--log-interval", "100"]
 
 
+INVERSE_SQRT_CAP = 60  # epochs: the schedule pair's inverse_sqrt run
+
+
+def stop_reason(points, budget, schedule):
+    """"cap" when the run reached its cap (cosine: the update budget; inverse_sqrt: INVERSE_SQRT_CAP epochs),
+    else "patience" (early stopping on validation BLEU)."""
+    capped = points[-1]["updates"] >= budget if schedule == "cosine" else len(points) >= INVERSE_SQRT_CAP
+    return "cap" if capped else "patience"
+
+
 def plateau_stop(max_tokens, budget, schedule="cosine"):
     """The study's schedule and stopping rule: cosine over ``budget`` updates (the cap), early stopping on
     validation BLEU; the schedule pair's inverse_sqrt instead runs until early stopping or 60 epochs."""
     caps = ["--max-update", str(budget), "--max-epoch", "0"] if schedule == "cosine" else \
-        ["--max-update", "0", "--max-epoch", "60"]
+        ["--max-update", "0", "--max-epoch", str(INVERSE_SQRT_CAP)]
     return optimization(max_tokens, schedule) + caps + early_stopping()
 
 
@@ -236,7 +246,7 @@ def student_run(p, method, seed, budget, max_tokens, rows, schedule="cosine"):
               "command": relative(cmd), "threads": 1, "max_tokens": max_tokens, "schedule": schedule,
               "budget_updates": budget if schedule == "cosine" else None, "curve": points,
               "seconds_last_session": round(seconds, 1),
-              "stopped": "cap" if schedule == "cosine" and points[-1]["updates"] >= budget else "patience or cap",
+              "stopped": stop_reason(points, budget, schedule),
               "best_epoch": max(points, key=lambda c: c["valid_bleu"])["epoch"]}
     record.update(decode_run(p, p.path("ckpt", key), key))
     if method == "token" and schedule == "cosine":

@@ -39,7 +39,8 @@ def teacher_record(path):
         raise PlateauTeacherError("--plateau-teacher: cannot read %s (%s)" % (path, e))
     found = [r for r in (data if isinstance(data, list) else [data])
              if isinstance(r, dict) and r.get("method") == "teacher"]
-    keys = ("checkpoint", "teacher_sha256", "dictionary_sha256", "command", "test_bleu", "best_epoch", "epochs")
+    keys = ("checkpoint", "teacher_sha256", "dictionary_sha256", "command", "test_bleu", "best_epoch", "epochs",
+            "curve")
     if not found or any(k not in found[0] for k in keys):
         raise PlateauTeacherError("--plateau-teacher: %s has no teacher record with %s" % (path, ", ".join(keys)))
     return found[0]

@@ -107,12 +107,8 @@ def schedule_lines(plain, other):
         pair = [next(r for r in rs if r["seed"] == seed) for rs in (plain, other)]
         for r in pair:
             best = next(c for c in r["curve"] if c["epoch"] == r["best_epoch"])
-            cmd = [str(x) for x in r["command"]]
-            cap = int(cmd[cmd.index("--max-epoch") + 1]) if "--max-epoch" in cmd else 0
-            stopped = r["stopped"] if r["stopped"] != "patience or cap" else (
-                "patience" if 0 < cap and len(r["curve"]) < cap else "cap")
             lines.append("| %d | %s | %s | %d | %d | %s | %.0f | %.2f | %.2f | %.2f |" % (
-                seed, r["schedule"], stopped, len(r["curve"]), r["best_epoch"],
+                seed, r["schedule"], r["stopped"], len(r["curve"]), r["best_epoch"],
                 "{:,}".format(best["token_rows"]), best["wall"], best["valid_bleu"], r["test_bleu"], r["test_chrf"]))
         rows = {"cosine": [pair[0]], "inverse_sqrt": [pair[1]]}
         ratio = [next(c for c in r["curve"] if c["epoch"] == r["best_epoch"])["token_rows"] for r in pair]
