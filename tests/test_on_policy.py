@@ -172,6 +172,31 @@ def test_row_choice_has_the_share_and_ignores_batch_splits():
     assert not choose_rows(ids, 0.0, 1, 5).any() and choose_rows(ids, 1.0, 1, 5).all()
 
 
+def test_metrics_count_gold_rows_only_and_share_one_logs_no_nan():
+    """nll_loss is per gold-row token (on-policy rows have none); an update with no gold row (share 1) logs its
+    loss and kd_loss but no nll_loss or ppl, rather than 0 / 0 = nan."""
+    from fairseq import metrics
+    from kd_plugin.criterions.on_policy_kd import OnPolicyKDCriterion
+
+    def reduced(*logs):
+        with metrics.aggregate() as agg:
+            OnPolicyKDCriterion.reduce_metrics(list(logs))
+        return agg.get_smoothed_values()
+
+    log = {"loss": torch.tensor(6.0), "nll_loss": torch.tensor(2.0), "kd_loss": torch.tensor(3.0),
+           "ntokens": 12, "sample_size": 12, "nsentences": 3, "gold_ntokens": 4, "on_policy_sentences": 2}
+    mixed = reduced(log)
+    ln2 = np.log(2)
+    assert mixed["nll_loss"] == pytest.approx(round(2.0 / 4 / ln2, 3))  # per gold token, not per token
+    assert mixed["loss"] == pytest.approx(round(6.0 / 12 / ln2, 3))
+    assert mixed["on_policy_share"] == pytest.approx(round(2 / 3, 3))
+    only = reduced(dict(log, nll_loss=torch.tensor(0.0), gold_ntokens=0, on_policy_sentences=3))
+    assert "nll_loss" not in only and "ppl" not in only
+    assert only["loss"] == pytest.approx(round(6.0 / 12 / ln2, 3))
+    assert only["kd_loss"] == pytest.approx(round(3.0 / 12 / ln2, 3))
+    assert all(np.isfinite(v) for v in only.values())
+
+
 def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(data_bin, teacher):
     task, model, _ = on_policy(data_bin, teacher, student=teacher)
     net = first_batch(task, "valid")["net_input"]
@@ -227,6 +252,7 @@ def test_fine_tuning_recipe_from_a_token_kd_student(data_bin, teacher, tmp_path)
     assert updates and max(updates) == n  # counted from 0: the optimizer's step count was reset
     shares = [float(m) for m in re.findall(r"on_policy_share ([\d.]+)", log)]
     assert shares and all(s == 1.0 for s in shares)
+    assert not re.search(r"\b(nll_loss|ppl)[= ]nan\b", log)  # no gold rows at share 1: no 0 / 0 in the log
     ckpt = os.path.join(tuned, "checkpoint_last.pt")
     out = run("fairseq-generate", data_bin, "--path", ckpt, "--gen-subset", "valid", "--beam", "5")
     assert sum(line.startswith("H-") for line in out.splitlines()) == 100

@@ -75,9 +75,13 @@ class OnPolicyKDCriterion(TokenKDCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs):
-        """token_kd's metrics, with nll_loss (and ppl) per gold-row token: on-policy rows have no gold NLL."""
+        """token_kd's metrics, with nll_loss (and ppl) per gold-row token: on-policy rows have no gold NLL, so
+        with no gold row at all (share 1) only the loss is logged, not 0 / 0."""
         gold = [dict(log, ntokens=log.get("gold_ntokens", log.get("ntokens", 0))) for log in logging_outputs]
-        super(TokenKDCriterion, cls).reduce_metrics(gold)
+        if sum(log["ntokens"] for log in gold) > 0:
+            super(TokenKDCriterion, cls).reduce_metrics(gold)
+        else:
+            cls.log_per_token("loss", logging_outputs, "sample_size")
         cls.log_per_token("kd_loss", logging_outputs, "ntokens")
         on_policy = sum(log.get("on_policy_sentences", 0) for log in logging_outputs)
         sentences = sum(log.get("nsentences", 0) for log in logging_outputs)
