@@ -61,10 +61,11 @@ def parse_args(argv=None):
 
 
 class Records:
-    """The records file, appended to by the lanes one record at a time (and committed with --commit)."""
+    """The records file, appended to by the lanes one record at a time, docs/PLATEAU.md and its plot regenerated
+    from the records so far (``report``; None for --quick); with --commit all three committed at once."""
 
-    def __init__(self, path, commit):
-        self.path, self.commit, self.lock = path, commit, threading.Lock()
+    def __init__(self, path, commit, report=None):
+        self.path, self.commit, self.report, self.lock = path, commit, report, threading.Lock()
 
     def has(self, method, seed):
         return plateau.recorded(plateau.load_records(self.path), method, seed)
@@ -74,9 +75,13 @@ class Records:
 
     def add(self, record, extra_paths=()):
         with self.lock:
-            plateau.save_records(plateau.load_records(self.path) + [record], self.path)
+            records = plateau.load_records(self.path) + [record]
+            plateau.save_records(records, self.path)
+            if self.report:
+                self.report(records)
             if self.commit:
                 files = [self.path] + [f for f in extra_paths]
+                files += [plateau_report.MD, plateau_report.PNG] if self.report else []
                 subprocess.call(["git", "add", "-A", "--"] + files, cwd=REPO)
                 subprocess.call(["git", "commit", "-q", "-m", "plateau (issue 28): the record of %s seed %d"
                                  % (record["method"], record["seed"]), "--"] + files, cwd=REPO)
@@ -189,7 +194,7 @@ def main(argv=None):
                 if key != "teacher" and os.path.isfile(p.path("ckpt", key, "checkpoint_last.pt")):
                     print("snapshot: %s" % plateau.snapshot(p, key))
             return
-        records = Records(a.results, a.commit)
+        records = Records(a.results, a.commit, None if a.quick else plateau_report.write)
         max_tokens = batch_size(p, a, records)
         rows = plateau.token_rows(p)
         budget = plateau.BUDGET_EPOCHS[a.quick] * plateau.updates_per_epoch(p.path("data-bin"), max_tokens)

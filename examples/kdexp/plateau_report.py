@@ -160,7 +160,10 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def write(records, md=os.path.join(REPO, "docs", "PLATEAU.md"), png=os.path.join(REPO, "docs", "plateau.png")):
+MD, PNG = os.path.join(REPO, "docs", "PLATEAU.md"), os.path.join(REPO, "docs", "plateau.png")
+
+
+def write(records, md=MD, png=PNG):
     """Write PLATEAU.md (and the plot) from ``records``; returns its text."""
     rows, stages = by_method(records, METHODS), by_method(records, STAGE_ARMS)
     teacher = next((r for r in records if r["method"] == "teacher"), None)
