@@ -79,8 +79,10 @@ class Records:
             plateau.save_records(records, self.path)
             if self.report:
                 self.report(records)
-            if self.commit:
-                files = [self.path] + [f for f in extra_paths]
+            if self.commit:  # extra paths: present ones, and tracked ones the run removed (its in-flight copy)
+                files = [self.path] + [f for f in extra_paths if os.path.exists(f) or subprocess.call(
+                    ["git", "ls-files", "--error-unmatch", f], cwd=REPO, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL) == 0]
                 files += [plateau_report.MD, plateau_report.PNG] if self.report else []
                 subprocess.call(["git", "add", "-A", "--"] + files, cwd=REPO)
                 subprocess.call(["git", "commit", "-q", "-m", "plateau (issue 28): the record of %s seed %d"
@@ -168,7 +170,7 @@ def run_job(p, a, records, job, max_tokens, rows, budget):
     if not records.has(name.rsplit("-s", 1)[0], seed):
         record = plateau.student_run(p, method, seed, budget, max_tokens, rows, schedule)
         keep = [plateau.stage_start(p, name)] if method == "token" and not a.quick else []
-        records.add(record, keep)
+        records.add(record, keep + [plateau.inflight(p, name)])  # its in-flight copy was removed at its end
     if method == "token":  # the on-policy stage, chained in the same lane
         updates = budget // plateau.BUDGET_EPOCHS[a.quick]  # one epoch of gold batches
         for stage in plateau.STAGES:
