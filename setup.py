@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Token-level, sentence-level, gated hybrid and on-policy knowledge distillation for fairseq",
     packages=find_packages(include=["kd_plugin", "kd_plugin.*"]),
-    package_data={"kd_plugin": ["advise_rule.json"]},  # kd-advise's fitted rule (examples/study_advise.py)
+    package_data={"kd_plugin": ["advise_rule.json", "plateau_answer.json"]},  # kd-advise (examples/study_advise.py, plateau.py)
     python_requires=">=3.8",
     install_requires=[
         "numpy",

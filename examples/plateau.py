@@ -6,7 +6,7 @@ docs/plateau_results.json (with --commit, committed at once), and runs that have
     .venv/bin/python examples/plateau_teacher.py        # first: the teacher (committed artifacts/plateau/teacher.pt)
     .venv/bin/python examples/plateau.py --commit       # the plan, two lanes of one thread, continuing where it stopped
     .venv/bin/python examples/plateau.py --snapshot     # before a stop: in-flight runs to artifacts/inflight (commit)
-    .venv/bin/python examples/plateau.py --report       # docs/PLATEAU.md and docs/plateau.png from the records
+    .venv/bin/python examples/plateau.py --report       # docs/PLATEAU.md, docs/plateau.png, kd_plugin/plateau_answer.json
     .venv/bin/python examples/plateau.py --quick        # smoke run (after plateau_teacher.py --quick): tiny everything
 
 The plan, in order (kdexp/plateau.py defines every run):
@@ -17,7 +17,9 @@ The plan, in order (kdexp/plateau.py defines every run):
 3. two lanes: the schedule pair (plain seed 1 with the calibration's inverse_sqrt schedule, to show that the
    study's cosine schedule loses nothing), then for seeds 1, 2, 3: plain, token (followed in its lane by the
    on-policy stage: on_policy_kd at share 1 and 0.5 and token_kd, one epoch from token's best checkpoint),
-   sentence, hybrid fixed:0.5; last, the learned gate (hybrid-gate) for seed 1.
+   sentence, hybrid fixed:0.5; then, for seeds 1, 2, 3, hybrid-half (the hybrid over half the budget: equal
+   student compute to plain and token at the end of an annealed schedule); last, the learned gate (hybrid-gate)
+   for seed 1.
 """
 import argparse
 import os
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import threading
 
-from kdexp import plateau, plateau_report, recipes
+from kdexp import plateau, plateau_answer, plateau_report, recipes
 from kdexp.corpus import CorpusError
 from kdexp.options import parse_args as demo_args
 from kdexp.pipeline import REPO, Pipeline, StepFailed, sha256
@@ -47,7 +49,7 @@ def parse_args(argv=None):
                                                         "WORK/plateau_results.json with --quick)")
     parser.add_argument("--commit", action="store_true", help="git commit each record as soon as it is written")
     parser.add_argument("--snapshot", action="store_true", help="copy the in-flight runs to artifacts/inflight")
-    parser.add_argument("--report", action="store_true", help="write docs/PLATEAU.md and its plot, run nothing")
+    parser.add_argument("--report", action="store_true", help="write docs/PLATEAU.md, its plot and kd-advise's answer, run nothing")
     a, a.data_flags = parser.parse_known_args(argv)  # the rest: the demo's data flags (--data, sizes)
     if a.lanes < 1:
         parser.error("--lanes must be >= 1 (got %d)" % a.lanes)
@@ -61,8 +63,9 @@ def parse_args(argv=None):
 
 
 class Records:
-    """The records file, appended to by the lanes one record at a time, docs/PLATEAU.md and its plot regenerated
-    from the records so far (``report``; None for --quick); with --commit all three committed at once."""
+    """The records file, appended to by the lanes one record at a time, docs/PLATEAU.md, its plot and kd-advise's
+    answer regenerated from the records so far (``report``; None for --quick); with --commit all committed at
+    once."""
 
     def __init__(self, path, commit, report=None):
         self.path, self.commit, self.report, self.lock = path, commit, report, threading.Lock()
@@ -83,7 +86,7 @@ class Records:
                 files = [self.path] + [f for f in extra_paths if os.path.exists(f) or subprocess.call(
                     ["git", "ls-files", "--error-unmatch", f], cwd=REPO, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL) == 0]
-                files += [plateau_report.MD, plateau_report.PNG] if self.report else []
+                files += [plateau_report.MD, plateau_report.PNG, plateau_answer.JSON] if self.report else []
                 subprocess.call(["git", "add", "-A", "--"] + files, cwd=REPO)
                 subprocess.call(["git", "commit", "-q", "-m", "plateau (issue 28): the record of %s seed %d"
                                  % (record["method"], record["seed"]), "--"] + files, cwd=REPO)
@@ -159,6 +162,7 @@ def plan(a):
     out = [("schedule-inverse_sqrt-s1", "plain", 1)]
     for seed in a.seeds:
         out += [(plateau.run_key(m, seed), m, seed) for m in ("plain", "token", "sentence", "hybrid")]
+    out += [(plateau.run_key("hybrid-half", seed), "hybrid-half", seed) for seed in a.seeds]
     out.append(("hybrid-gate-s%d" % a.seeds[0], "hybrid-gate", a.seeds[0]))
     only = set(x for x in a.only.split(",") if x)
     return [job for job in out if not only or job[0] in only]
@@ -198,6 +202,8 @@ def main(argv=None):
             return
         records = Records(a.results, a.commit, None if a.quick else plateau_report.write)
         max_tokens = batch_size(p, a, records)
+        if not records.has("scenario", 0):
+            records.add(plateau.scenario(p))
         rows = plateau.token_rows(p)
         budget = plateau.BUDGET_EPOCHS[a.quick] * plateau.updates_per_epoch(p.path("data-bin"), max_tokens)
         jobs, lock, errors = plan(a), threading.Lock(), []

@@ -1,5 +1,6 @@
 """kd-advise: the rule's fitting (against brute force), the signals (each against an independent computation on
-the toy corpus and teacher), the shipped rule (the fit of its own cells), the console script's JSON, bad input."""
+the toy corpus and teacher), the shipped rule (the fit of its own cells), the console script's JSON (the plateau
+answer recommended, the rule's scope check), the text report, bad input."""
 import itertools
 import json
 import os
@@ -150,26 +151,80 @@ def rule(tmp_path_factory):
     return path
 
 
+def synthetic_answer(final, budget, scenario_ratio):
+    """A plateau answer (the schema of kdexp.plateau_answer.answer) whose scenario has ``scenario_ratio``."""
+    bleu = {"mean": 30.0, "std": 0.5, "n": 3}
+    return {"version": 1, "source": "docs/PLATEAU.md", "complete": True, "seeds": {m: 3 for m in METHODS},
+            "unit_token_rows": 1000, "final": {
+                "method": final, "test_bleu": bleu, "runner_up": "plain", "runner_up_bleu": bleu,
+                "vs_runner_up": {"diff": 1.0, "lo": 0.5, "hi": 1.5, "p": 0.001, "seeds": [1, 2, 3]},
+                "compute_vs_plain": 2.0, "wall_vs_plain": 1.8},
+            "budget": [{"fraction": f, "method": m, "valid_bleu": bleu} for f, m in budget],
+            "scenario": {"signals": dict({s: 0.0 for s in advice.SIGNALS}, capacity_ratio=scenario_ratio),
+                         "student_params": 1, "teacher_params": 1}}
+
+
 @pytest.fixture(scope="module")
-def advised(data_bin, teacher, rule):
+def answer(tmp_path_factory):
+    """An answer whose picks differ from the synthetic rule's, and whose scenario has capacity ratio 0 (the
+    rule's "below" side)."""
+    path = str(tmp_path_factory.mktemp("answer") / "answer.json")
+    with open(path, "w") as f:
+        json.dump(synthetic_answer("hybrid", [(0.5, "sentence"), (1.0, "token")], 0.0), f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def advised(data_bin, teacher, rule, answer):
     out = run("kd-advise", "--data", data_bin, "--teacher", teacher, "--student-arch", " ".join(TINY_ARCH),
-              "--sample", "60", "--seed", "3", "--beam", "1", "--rule", rule, "--json", "--cpu")
-    with open(rule) as f:
-        return dict(json.loads(out[out.index("{\n"):]), fitted=json.load(f)["rule"])
+              "--sample", "60", "--seed", "3", "--beam", "1", "--rule", rule, "--answer", answer, "--json", "--cpu")
+    with open(rule) as f, open(answer) as g:
+        return dict(json.loads(out[out.index("{\n"):]), fitted=json.load(f)["rule"], answer=json.load(g))
 
 
-def test_json_has_recommendation_signals_and_confidence(advised):
-    rec = advised["advice"]
+def test_recommends_the_plateau_answer_with_signals_and_scope(advised):
+    rec, ans = advised["advice"], advised["answer"]
     assert set(advised["signals"]) == set(advice.SIGNALS)
-    assert rec["method"] in METHODS and rec["criterion"] and rec["flags"] == advise.FLAGS[rec["method"]]
-    # the synthetic rule (a stump on capacity_ratio: sentence below its threshold, token above) applied
-    rule = advised["fitted"]
-    assert rule["signal"] == "capacity_ratio" and rec["rule"] == rule
-    assert rec["method"] == ("sentence" if advised["signals"]["capacity_ratio"] <= rule["threshold"] else "token")
-    assert set(rec["confidence"]) >= {"loo_accuracy", "loo_bleu_lost", "nearest_cell", "nearest_best",
-                                      "nearest_margin", "nearest_agrees", "always_bleu_lost"}
-    assert rec["confidence"]["loo_accuracy"] == 0.5 and rec["scope"] == ""  # the test rule has no "fitted"
+    # the recommendation is the answer's, not the rule's
+    assert rec["method"] == "hybrid" and rec["flags"] == advise.FLAGS["hybrid"] and rec["evidence"] == ans["final"]
+    assert [(b["fraction"], b["method"], b["flags"]) for b in rec["budget"]] == [
+        (0.5, "sentence", advise.FLAGS["sentence"]), (1.0, "token", advise.FLAGS["token"])]
+    # scope: the synthetic rule (a stump on capacity_ratio: sentence below its threshold, token above) applied
+    # to these signals, and compared with its pick for the answer's scenario (capacity ratio 0: below)
+    rule, scope = advised["fitted"], rec["scope"]
+    below = advised["signals"]["capacity_ratio"] <= rule["threshold"]
+    assert rule["signal"] == "capacity_ratio" and scope["study_rule"]["rule"] == rule
+    assert scope["study_rule"]["method"] == ("sentence" if below else "token")
+    assert scope["same_side"] is below and scope["measured"] == ans["scenario"]
+    assert set(scope["study_rule"]["confidence"]) >= {"loo_accuracy", "loo_bleu_lost", "nearest_cell",
+                                                      "nearest_best", "nearest_margin", "always_bleu_lost"}
     assert advised["info"]["sampled"] == 60 and advised["signals"]["decoding"] == 1
+
+
+@pytest.mark.parametrize("scenario_ratio", [0.0, 1e9])
+def test_text_report_warns_outside_the_plateau_scenarios_side(scenario_ratio):
+    """The report names the recommended criterion, the tight-budget ones with their flags, and says OUTSIDE
+    exactly when the study's rule puts the scenario and the user's signals on different sides of its split."""
+    cells = synthetic_cells(1)
+    doc = {"rule": advice.fit_rule(cells, METHODS), "cells": cells, "loo": {"cells": 7, "accuracy": 0.5,
+                                                                             "bleu_lost_mean": 0.25}}
+    signals = dict(cells[0]["signals"], capacity_ratio=0.0)
+    ans = synthetic_answer("token", [(0.25, "sentence"), (1.0, "token")], scenario_ratio)
+    rec = advise.advise(ans, doc, signals)
+    info = {"student_params": 1, "teacher_params": 2, "decoding": "beam", "sentences": 9, "split": "train",
+            "rare_from_index": 5, "sampled": 9}
+    text = advise.text_report({"advice": rec, "signals": signals, "info": info})
+    assert text.startswith("recommendation: token_kd (the best final student at the plateau)")
+    assert "0.25x sentence_kd; 1x token_kd" in text and "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text
+    assert ("OUTSIDE" in text) is (scenario_ratio > doc["rule"]["threshold"])
+    assert "capacity_ratio      0.000  (student 1 / teacher 2 parameters)  (plateau scenario %.4g)" % scenario_ratio \
+        in text
+
+
+def test_shipped_answer_names_known_methods():
+    with open(advise.ANSWER) as f:
+        ans = json.load(f)
+    assert ans["final"]["method"] in advise.FLAGS and all(b["method"] in advise.FLAGS for b in ans["budget"])
 
 
 def test_capacity_ratio_is_the_architectures_parameter_ratio(advised, data_bin):
@@ -251,7 +306,8 @@ def test_bad_files_are_one_line(capsys, data_bin, teacher, rule, tmp_path):
     cases = [(["--data", str(tmp_path / "none"), "--teacher", teacher], "--data"),
              (["--data", data_bin, "--teacher", str(tmp_path / "t.pt")], "--teacher"),
              (["--data", data_bin, "--teacher", teacher, "--split", "nosuch"], "--split"),
-             (["--data", data_bin, "--teacher", teacher, "--rule", str(garbage)], "--rule")]
+             (["--data", data_bin, "--teacher", teacher, "--rule", str(garbage)], "--rule"),
+             (["--data", data_bin, "--teacher", teacher, "--answer", rule], "--answer")]  # a rule is no answer
     for argv, name in cases:
         argv += [] if "--rule" in argv else ["--rule", rule]
         assert name in bad(capsys, argv + ["--student-arch", arch])

@@ -221,3 +221,72 @@ def test_demo_distils_the_plateau_teacher_when_asked(study, tmp_path):
         in report
     assert "- Distance to the plateau (docs/PLATEAU.md: the same corpus and architectures trained to " \
            "convergence): not comparable (a QUICK smoke run)\n" in report
+
+
+def synthetic_records(seeds, bleu, curves, half=None):
+    """Records of the four methods (and hybrid-half when ``half``): per method a test BLEU per seed, a validation
+    curve [(token_rows, valid_bleu)] per epoch, random per-sentence BLEU statistics scaled by the BLEU."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+
+    def stats(b):
+        n = 40
+        hyp = rng.randint(8, 12, n)
+        correct = [np.minimum(hyp - k, np.round(hyp * b / 100 * (1 - 0.1 * k))).astype(int) for k in range(4)]
+        return [[int(hyp[i]), int(hyp[i])] + [int(c[i]) for c in correct] + [int(hyp[i] - k) for k in range(4)]
+                for i in range(n)]
+
+    out = []
+    for m in list(MAIN) + (["hybrid-half"] if half else []):
+        for s in seeds:
+            curve = [{"epoch": e + 1, "token_rows": rows, "valid_bleu": v + 0.1 * s, "wall": 10.0 * (e + 1)}
+                     for e, (rows, v) in enumerate(curves[m])]
+            best = max(curve, key=lambda c: c["valid_bleu"])["epoch"]
+            out.append({"method": m, "seed": s, "test_bleu": bleu[m] + 0.2 * s, "bleu_stats": stats(bleu[m]),
+                        "curve": curve, "best_epoch": best})
+    return out
+
+
+def test_answer_reads_the_best_final_student_and_the_budget_picks():
+    """kdexp.plateau_answer: the best final student is the method with the highest mean test BLEU; the tight
+    budget pick at f is the best validation BLEU of a checkpoint saved within f x plain's token-rows to its
+    best (a run that ended sooner: its best); provisional below 3 seeds; the equal-compute line once
+    hybrid-half has runs."""
+    from kdexp import plateau_answer
+
+    curves = {"plain": [(100, 10), (200, 20), (300, 30), (400, 29)],   # best at 300 rows: the unit
+              "token": [(100, 12), (200, 21), (300, 31), (400, 32)],
+              "sentence": [(100, 25), (150, 28)],                       # ended sooner: its best counts later
+              "hybrid": [(200, 15), (400, 25), (600, 33), (800, 34)],
+              "hybrid-half": [(200, 18), (400, 30)]}
+    bleu = {"plain": 30, "token": 31, "sentence": 29, "hybrid": 34, "hybrid-half": 31.5}
+    assert plateau_answer.best_within([{"token_rows": r, "valid_bleu": v} for r, v in curves["sentence"]], 50) is None
+    a = plateau_answer.answer(synthetic_records([1, 2], bleu, curves))
+    assert a["unit_token_rows"] == 300 and not a["complete"] and a["seeds"] == {m: 2 for m in MAIN}
+    assert a["final"]["method"] == "hybrid" and a["final"]["runner_up"] == "token"
+    assert a["final"]["compute_vs_plain"] == pytest.approx(800 / 300)
+    assert a["final"]["test_bleu"]["mean"] == pytest.approx(34.3) and a["final"]["vs_runner_up"]["seeds"] == [1, 2]
+    # within 75 rows: nothing saved yet; 150: sentence 28.15; 300: sentence's best 28.15 < token 31.15
+    picks = {b["fraction"]: (b["method"], round(b["valid_bleu"]["mean"], 2)) for b in a["budget"]}
+    assert picks == {0.5: ("sentence", 28.15), 1.0: ("token", 31.15)}
+    assert "equal_compute" not in a
+    records = synthetic_records([1, 2, 3], bleu, curves, half=True)
+    a = plateau_answer.answer(records)
+    assert a["complete"] and a["equal_compute"]["vs_token"]["seeds"] == [1, 2, 3]
+    assert a["equal_compute"]["compute_vs_token"] == pytest.approx(400 / 400)
+    block = "\n".join(plateau_answer.block(records, a))
+    assert "**Best final student: hybrid_kd fixed:0.5.** Test BLEU 34.40 ± 0.20 (beam 5, 3 seeds)" in block
+    assert "- Status: final (seeds: plain 3, token 3, sentence 3, hybrid 3)." in block
+
+
+def test_committed_report_and_answer_are_generated_from_the_committed_records(tmp_path):
+    """docs/PLATEAU.md and kd_plugin/plateau_answer.json are what `examples/plateau.py --report` writes from
+    docs/plateau_results.json (the driver regenerates and commits them with every record)."""
+    from kdexp import plateau_answer
+
+    md, js = str(tmp_path / "P.md"), str(tmp_path / "a.json")
+    plateau_report.write(plateau.load_records(), md=md, png=str(tmp_path / "p.png"), answer_json=js)
+    for made, committed in ((md, plateau_report.MD), (js, plateau_answer.JSON)):
+        with open(made) as f, open(committed) as g:
+            assert f.read() == g.read(), committed

@@ -3,7 +3,8 @@
 Regime: the demo's corpus, the committed plateau teacher (artifacts/plateau/teacher.pt, examples/plateau_teacher.py)
 and the demo's student (1+1 layers, d=64, ffn 256, 2 heads, shared embeddings). Every student run trains with
 the same schedule and stopping rule: a cosine learning rate from 3e-3 (400 warm-up updates) to 0 over a budget of
-BUDGET_EPOCHS epochs of gold batches (``--max-update``, the cap: equal updates for every method), validation BLEU
+BUDGET_EPOCHS epochs of gold batches (``--max-update``, the cap: equal updates for every method but hybrid-half,
+whose budget is half), validation BLEU
 (greedy, fairseq's --eval-bleu) after every epoch, the best checkpoint by it, and early stopping after PATIENCE
 epochs without a new best. A record per finished run (one JSON line in docs/plateau_results.json): its command,
 the per-epoch curve (updates, wall seconds at one thread, cumulative student token-rows, valid loss and BLEU),
@@ -17,11 +18,12 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 
 from kdexp import configs, recipes
 from kdexp.options import PLATEAU_RECORDS as RESULTS
-from kdexp.pipeline import REPO, read_lines, sha256, tool
+from kdexp.pipeline import REPO, StepFailed, read_lines, sha256, tool
 
 ARTIFACTS = os.path.join(REPO, "artifacts")
 FIXED_EPOCHS = (2, 4, 8, 16, 32)
@@ -39,6 +41,10 @@ METHODS = {
     "hybrid-gate": configs.hybrid_kd(configs.KD_TASK + configs.CACHED + configs.TARGETS, configs.CACHE_TOPK,
                                      "sentence"),
 }
+# hybrid-half: the hybrid with the cosine budget (and cap) halved, so that it ends at plain's and token's student
+# compute (its two passes: ~2x their token-rows per epoch) with its learning rate annealed like theirs
+METHODS["hybrid-half"] = METHODS["hybrid"]
+BUDGET_SHARE = {"hybrid-half": 0.5}
 # the on-policy stage (#22): from token's best checkpoint, one epoch of updates of each arm at a constant lr,
 # the online teacher over the full vocabulary for all three (on_policy_kd cannot read a cache)
 STAGES = {"stage-on-policy-1": configs.on_policy_kd(configs.KD_TASK + configs.ONLINE, "1"),
@@ -151,8 +157,9 @@ def token_rows(p):
 
 
 def rows_per_epoch(method, rows):
-    return {"sentence": rows.get("teacher", 0), "hybrid": rows["gold"] + rows.get("teacher", 0),
-            "hybrid-gate": rows["gold"] + rows.get("teacher", 0)}.get(method, rows["gold"])
+    if method.startswith("hybrid"):
+        return rows["gold"] + rows.get("teacher", 0)
+    return rows.get("teacher", 0) if method == "sentence" else rows["gold"]
 
 
 VALID_RE = re.compile(r"\| (\w+) ([-\d.e+]+)")
@@ -238,6 +245,7 @@ def student_run(p, method, seed, budget, max_tokens, rows, schedule="cosine"):
     pair's other run, recorded as method "schedule-inverse_sqrt"), decode it, return its record. Its checkpoints
     are deleted, except token's best, kept in the in-flight directory for the on-policy stage."""
     key = run_key(method if schedule == "cosine" else "schedule-" + schedule, seed)
+    budget = int(budget * BUDGET_SHARE.get(method, 1))
     cmd = train_cmd(p, key, METHODS[method], seed, max_tokens, plateau_stop(max_tokens, budget, schedule))
     restore_inflight(p, key)
     seconds = train(p, key, cmd)
@@ -280,6 +288,22 @@ def stage_run(p, stage, seed, updates, max_tokens):
     record.pop("fixed_epochs")
     shutil.rmtree(p.path("ckpt", key), ignore_errors=True)
     return record
+
+
+def scenario(p):
+    """The study's scenario as kd-advise measures it (its signals: capacity ratio, source length, rare subwords,
+    teacher entropy/confidence/NLL, beam decoding), so that kd-advise can say how far a user's scenario is from
+    the one the plateau answer was measured on. A record: {"method": "scenario", "seed": 0, ...}."""
+    cmd = [tool("kd-advise"), "--data", p.path("data-bin"), "--source-lang", "de", "--target-lang", "en",
+           "--teacher", recipes.checkpoint(p, "teacher"), "--student-arch", " ".join(arch(p.args.quick)),
+           "--split", "train", "--sample", "500", "--seed", "1", "--beam", "5", "--cpu", "--json"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=p.env)
+    if out.returncode != 0:
+        raise StepFailed("kd-advise failed on the plateau scenario: %s" % (out.stderr.strip().splitlines() or ["?"])[-1])
+    measured = json.loads(out.stdout)
+    return {"method": "scenario", "seed": 0, "teacher_sha256": sha256(teacher_pt(p)), "command": relative(cmd),
+            "signals": measured["signals"], "student_params": measured["info"]["student_params"],
+            "teacher_params": measured["info"]["teacher_params"]}
 
 
 def restore_inflight(p, key):

@@ -6,26 +6,15 @@ schedule pair (cosine vs inverse_sqrt for plain) and the batch-size measurement.
 import os
 import statistics
 
+from kdexp import plateau_answer as answer
 from kdexp.mix import bootstrap_stats
 from kdexp.pipeline import REPO, write_lines
 
 METHODS = ("plain", "token", "sentence", "hybrid", "hybrid-gate")
 STAGE_ARMS = ("stage-on-policy-1", "stage-on-policy-0.5", "stage-token")
-FRACTIONS = (0.25, 0.5, 1.0)
+FRACTIONS = answer.FRACTIONS
 COMMAND = ".venv/bin/python examples/plateau.py --report"
-
-
-def by_method(records, names):
-    out = {m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"]) for m in names}
-    return {m: rs for m, rs in out.items() if rs}
-
-
-def ms(values, digits=2):
-    """'mean ± std' (std over >= 2 values) with ``digits`` decimals."""
-    values = list(values)
-    if len(values) < 2:
-        return "%.*f" % (digits, values[0])
-    return "%.*f ± %.*f" % (digits, statistics.mean(values), digits, statistics.stdev(values))
+by_method, ms = answer.by_method, answer.ms
 
 
 def bootstrap_cell(rows, name, other):
@@ -50,37 +39,24 @@ def plateau_table(rows):
     return lines
 
 
-def bleu_at(curve, rows):
-    """Validation BLEU at ``rows`` cumulative token-rows (linear between epochs; None beyond the run)."""
-    prev = {"token_rows": 0, "valid_bleu": 0.0}
-    for c in curve:
-        if c["token_rows"] >= rows:
-            w = (rows - prev["token_rows"]) / max(c["token_rows"] - prev["token_rows"], 1)
-            return prev["valid_bleu"] + w * (c["valid_bleu"] - prev["valid_bleu"])
-        prev = c
-    return None
-
-
 def compute_table(rows):
-    """(b): each method's validation BLEU at 1/4, 1/2 and 1x the compute plain needs to reach its best epoch."""
+    """(b): each method's best validation BLEU within 1/4, 1/2 and 1x the compute plain needs to reach its best
+    epoch (kdexp.plateau_answer.best_within)."""
     if "plain" not in rows:
         return ["(needs plain's runs)"]
-    ref = statistics.mean(next(c["token_rows"] for c in r["curve"] if c["epoch"] == r["best_epoch"])
-                          for r in rows["plain"])
-    lines = ["Compute unit: plain's token-rows to its best epoch (mean over its seeds): %s." % "{:,}".format(int(ref)),
-             "", "| method | seeds | " + " | ".join("valid BLEU at %gx" % f for f in FRACTIONS) + " |",
+    ref = answer.unit(rows)
+    cells = answer.budget_cells(rows, ref)
+    lines = ["Compute unit: plain's token-rows to its best epoch (mean over its seeds): %s. A cell: validation BLEU "
+             "(greedy) of the best checkpoint saved within that compute; a run that ended sooner counts with its "
+             "best. Every run anneals over its own budget, so a point mid-run is not what a run given that budget "
+             "would reach: the equal-compute section compares annealed runs." % "{:,}".format(int(ref)),
+             "", "| method | seeds | " + " | ".join("valid BLEU within %gx" % f for f in FRACTIONS) + " |",
              "|---|---|" + "---|" * len(FRACTIONS)]
-    best = {}
     for m, rs in rows.items():
-        cells = []
-        for f in FRACTIONS:
-            values = [bleu_at(r["curve"], f * ref) for r in rs]
-            values = [v for v in values if v is not None]
-            cells.append(ms(values) if len(values) == len(rs) else "n/a")
-            if len(values) == len(rs):
-                best.setdefault(f, []).append((statistics.mean(values), m))
-        lines.append("| %s | %d | %s |" % (m, len(rs), " | ".join(cells)))
-    lines += ["", "Best at " + "; ".join("%gx: %s" % (f, max(best[f])[1]) for f in FRACTIONS if f in best) + "."]
+        lines.append("| %s | %d | %s |" % (m, len(rs), " | ".join(ms(cells[f][m]) if m in cells.get(f, {}) else "n/a"
+                                                                 for f in FRACTIONS)))
+    best = {f: max(c, key=lambda m: statistics.mean(c[m])) for f, c in cells.items()}
+    lines += ["", "Best within " + "; ".join("%gx: %s" % (f, best[f]) for f in FRACTIONS if f in best) + "."]
     fixed = sorted({e for rs in rows.values() for r in rs for e in r.get("fixed_epochs", {})}, key=int)
     lines += ["", "Test BLEU (beam 5) at fixed epochs:", "",
               "| method | " + " | ".join("epoch %s" % e for e in fixed) + " |", "|---|" + "---|" * len(fixed)]
@@ -88,6 +64,29 @@ def compute_table(rows):
         lines.append("| %s | %s |" % (m, " | ".join(ms(r["fixed_epochs"][e] for r in rs)
                                                     if all(e in r["fixed_epochs"] for r in rs) else "n/a"
                                                     for e in fixed)))
+    return lines
+
+
+def equal_compute_lines(rows):
+    """hybrid-half (the hybrid over half the budget) beside plain, token and the full hybrid: compute and wall
+    time at the end of each run, its quality, and its paired bootstrap against token and plain."""
+    lines = ["hybrid-half: hybrid_kd fixed:0.5 with its cosine budget and cap halved, so that its two passes add up "
+             "to about the token-rows of plain's and token_kd's full budget and every run ends annealed (commands "
+             "in the records).", "",
+             "| method | seeds | epochs run | token-rows at the end | wall s at the end | best valid BLEU | test BLEU |",
+             "|---|---|---|---|---|---|---|"]
+    for m in ("plain", "token", "hybrid-half", "hybrid"):
+        if m in rows:
+            rs = rows[m]
+            lines.append("| %s | %d | %s | %s | %s | %s | %s |" % (
+                m, len(rs), ms((len(r["curve"]) for r in rs), 1), "{:,}".format(int(statistics.mean(
+                    r["curve"][-1]["token_rows"] for r in rs))), ms((r["curve"][-1]["wall"] for r in rs), 0),
+                ms(max(c["valid_bleu"] for c in r["curve"]) for r in rs), ms(r["test_bleu"] for r in rs)))
+    lines.append("")
+    for other in ("token", "plain"):
+        if other in rows:
+            lines.append("- hybrid-half vs %s (test BLEU, beam 5): %s" % (other, answer.diff_text(
+                answer.paired(rows, "hybrid-half", other))))
     return lines
 
 
@@ -163,12 +162,20 @@ def plot(rows, path):
 MD, PNG = os.path.join(REPO, "docs", "PLATEAU.md"), os.path.join(REPO, "docs", "plateau.png")
 
 
-def write(records, md=MD, png=PNG):
-    """Write PLATEAU.md (and the plot) from ``records``; returns its text."""
+def write(records, md=MD, png=PNG, answer_json=answer.JSON):
+    """Write PLATEAU.md, the plot and kd-advise's answer (``answer_json``; None: not written) from ``records``;
+    returns PLATEAU.md's text."""
     rows, stages = by_method(records, METHODS), by_method(records, STAGE_ARMS)
     teacher = next((r for r in records if r["method"] == "teacher"), None)
     lines = ["# The answer at the plateau (issue 28)", "",
              "Generated by `%s` from docs/plateau_results.json; do not edit." % COMMAND, ""]
+    found = answer.answer(records)
+    if found:
+        lines += ["## The answer", "", "How it is read from the sections below: kdexp/plateau_answer.py; "
+                  "kd-advise recommends from the same answer (kd_plugin/plateau_answer.json).", ""] + \
+            answer.block(records, found) + [""]
+        if answer_json:
+            answer.write_json(found, answer_json)
     if teacher:
         lines += ["Teacher: test BLEU %.2f, chrF %.2f (beam 5), %d epochs, best epoch %d, sha256 %s." % (
             teacher["test_bleu"], teacher["test_chrf"], teacher["epochs"], teacher["best_epoch"],
@@ -184,10 +191,13 @@ def write(records, md=MD, png=PNG):
         lines += ["| %s | %.1f | %d | %.3f |" % (k, v["wps"], v["updates"], v["valid_loss"])
                   for k, v in sorted(batch["runs"].items())] + [""]
     if rows:
+        every = by_method(records, METHODS + ("hybrid-half",))
         lines += ["## (a) Plateau", ""] + plateau_table(rows) + ["", "## (b) Quality per compute", ""] + \
-            compute_table(rows) + ["", "![validation BLEU per compute](plateau.png)", "", "## (d) Decoding", ""] + \
-            decoding_table(rows, "The checkpoint best on validation, test set.")
-        plot(rows, png)
+            compute_table(every) + ["", "![validation BLEU per compute](plateau.png)", ""]
+        if "hybrid-half" in every:
+            lines += ["## Equal compute", ""] + equal_compute_lines(every) + [""]
+        lines += ["## (d) Decoding", ""] + decoding_table(every, "The checkpoint best on validation, test set.")
+        plot(every, png)
     if stages:
         lines += ["", "## (c) The on-policy stage", ""] + stage_lines(stages)
     write_lines(md, lines)

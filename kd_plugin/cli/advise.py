@@ -1,15 +1,18 @@
-r"""kd-advise: which KD to run for this teacher, student and data -- from signals measured in seconds and
-the rule fitted on the study (docs/STUDY.md, "Which KD should I use?").
+r"""kd-advise: which KD to run for this teacher, student and data -- the plateau study's answer (docs/PLATEAU.md),
+with signals measured in seconds that say how far your scenario is from the one it was measured on.
 
     kd-advise --data DATA_BIN --teacher T.pt --student-arch "--arch transformer --encoder-layers 1 ..."
-              [--split train] [--sample 500] [--beam 5 | --sampling] [--json] [--rule FILE]
+              [--split train] [--sample 500] [--beam 5 | --sampling] [--json] [--answer FILE] [--rule FILE]
 
-Measures (kd_plugin.advice): the capacity ratio (the student is BUILT from --student-arch on the data's
-dictionaries, never trained), the source length and rare-subword rate of the whole split, and the teacher's
-entropy, confidence and gold NLL under teacher forcing on --sample sentences of it (drawn with --seed). Prints
-the recommended criterion with the flags to pass, the signals, and how far to trust it: the rule's
-leave-one-cell-out accuracy on the study and the study cell nearest to these signals. The rule ships with the
-package (kd_plugin/advise_rule.json, written by ``examples/study_advise.py --write``); --rule reads another.
+Recommends what the plateau study found (kd_plugin/plateau_answer.json, written with docs/PLATEAU.md by
+``examples/plateau.py --report``): the criterion that gave the best final student, with its evidence and cost,
+and the one to use on a tight budget. Measures (kd_plugin.advice): the capacity ratio (the student is BUILT from
+--student-arch on the data's dictionaries, never trained), the source length and rare-subword rate of the whole
+split, and the teacher's entropy, confidence and gold NLL under teacher forcing on --sample sentences of it
+(drawn with --seed), each printed beside the plateau scenario's value. Scope: the 3-epoch study's rule
+(kd_plugin/advise_rule.json, ``examples/study_advise.py --write``; docs/STUDY.md), fitted on students far from
+their plateau, is no recommendation; it only says whether your scenario lies on the same side of the one split
+it found as the plateau's, and warns when it does not. --answer and --rule read other files.
 Bad input: one line ``kd-advise: error: ...``, exit status 2.
 """
 import argparse
@@ -33,7 +36,9 @@ from kd_plugin.model_size import count_parameters
 from kd_plugin.teacher import Teacher
 
 PROG = "kd-advise"
-RULE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "advise_rule.json")
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULE = os.path.join(PACKAGE, "advise_rule.json")
+ANSWER = os.path.join(PACKAGE, "plateau_answer.json")
 # what to run for each method, {cache} / {targets} being the outputs of the two preparation tools
 FLAGS = {
     "plain": "--criterion label_smoothed_cross_entropy --label-smoothing 0.1",
@@ -51,12 +56,8 @@ PREPARE = {
     "hybrid": ["kd-dump-teacher --data DATA --path T.pt --split {train,valid} --topk 8 --out {cache}",
                "kd-distill-corpus --data DATA --path T.pt --split {train,valid} --out {targets}"],
 }
-NOTES = {
-    "hybrid": "hybrid_kd runs the student on gold and teacher-decoded prefixes: about 2x token_kd's student "
-              "compute per update; at equal compute, token_kd for twice the epochs beat it on the demo "
-              "(docs/MIX.md, 'Equal compute')",
-    "plain": "on this side of the rule every KD method scored below plain training in the study's cells",
-}
+OTHER_SIDE = {"plain": "every KD method scored below plain training there",
+              "hybrid": "hybrid_kd scored best there"}
 CRITERION = {"plain": "label_smoothed_cross_entropy (no KD)", "token": "token_kd", "sentence": "sentence_kd",
              "hybrid": "hybrid_kd"}
 
@@ -75,7 +76,10 @@ def get_parser():
     parser.add_argument("--sampling", action="store_true", help="you will decode by sampling")
     parser.add_argument("--max-tokens", type=flags.positive_int, default=4000, help="tokens per teacher batch")
     parser.add_argument("--cpu", action="store_true", help="run the teacher on CPU even when CUDA is available")
-    parser.add_argument("--rule", default=RULE, metavar="FILE", help="the fitted rule (default: the shipped one)")
+    parser.add_argument("--answer", default=ANSWER, metavar="FILE",
+                        help="the plateau study's answer (default: the shipped one)")
+    parser.add_argument("--rule", default=RULE, metavar="FILE",
+                        help="the 3-epoch study's rule, for the scope check (default: the shipped one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
@@ -154,30 +158,58 @@ def measure(args):
 # ---------------------------------------------------------------- advising
 
 
-def read_rule(path):
+def read_json(path, flag, keys):
     try:
         with open(path) as f:
             doc = json.load(f)
-        doc["rule"], doc["cells"], doc["loo"]
+        for k in keys:
+            doc[k]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise KDConfigError("--rule: %s is not a kd-advise rule file (%s: %s)" % (path, type(e).__name__, e)) from None
+        raise KDConfigError("%s: %s is not a kd-advise %s file (%s: %s)" % (
+            flag, path, flag[2:], type(e).__name__, e)) from None
     return doc
 
 
-def advise(doc, signals):
-    """The recommendation for ``signals`` under the fitted rule ``doc``, with its confidence."""
+def read_rule(path):
+    return read_json(path, "--rule", ("rule", "cells", "loo"))
+
+
+def read_answer(path):
+    return read_json(path, "--answer", ("final", "budget", "seeds", "complete"))
+
+
+def method_advice(method):
+    return {"method": method, "criterion": CRITERION[method], "flags": FLAGS[method], "prepare": PREPARE[method]}
+
+
+def study_rule(doc, signals):
+    """The 3-epoch study's rule applied to ``signals``, with its leave-one-cell-out record and nearest cell."""
     method = advice.apply_rule(doc["rule"], signals)
     near = advice.nearest_cell(doc["cells"], signals, doc.get("signals", advice.SIGNALS))
     ranked = sorted(near["bleu"], key=near["bleu"].get, reverse=True)
     loo = doc["loo"]
-    return {"method": method, "criterion": CRITERION[method], "flags": FLAGS[method], "prepare": PREPARE[method],
-            "rule": doc["rule"],
+    return {"method": method, "rule": doc["rule"],
             "confidence": {"loo_accuracy": loo["accuracy"], "loo_bleu_lost": loo["bleu_lost_mean"],
                            "cells": loo["cells"], "nearest_cell": near["cell"], "nearest_best": ranked[0],
                            "nearest_margin": near["bleu"][ranked[0]] - near["bleu"][ranked[1]],
-                           "nearest_agrees": ranked[0] == method,
                            "always_bleu_lost": {m: v["bleu_lost_mean"] for m, v in loo.get("always", {}).items()}},
-            "note": NOTES.get(method, ""), "scope": doc.get("fitted", {}).get("scope", "")}
+            "fitted_scope": doc.get("fitted", {}).get("scope", "")}
+
+
+def advise(answer, doc, signals):
+    """The plateau study's answer (the best final student, the tight-budget picks) and the scope check: does
+    the 3-epoch study's rule put ``signals`` on the side of its split where it puts the plateau scenario?"""
+    out = dict(method_advice(answer["final"]["method"]), evidence=answer["final"], complete=answer["complete"],
+               seeds=answer["seeds"], budget=[dict(method_advice(b["method"]), fraction=b["fraction"],
+                                                   valid_bleu=b["valid_bleu"]) for b in answer["budget"]],
+               equal_compute=answer.get("equal_compute"))
+    rule = study_rule(doc, signals)
+    measured = answer.get("scenario")
+    scope = {"measured": measured, "study_rule": rule, "same_side": None}
+    if measured:
+        scope["same_side"] = advice.apply_rule(doc["rule"], measured["signals"]) == rule["method"]
+    out["scope"] = scope
+    return out
 
 
 def describe_rule(rule):
@@ -192,39 +224,74 @@ def always(confidence):
     return " (always %s)" % ", ".join("%s %.2f" % kv for kv in lost.items()) if lost else ""
 
 
+def mean_text(m):
+    return "%.2f" % m["mean"] if m["std"] is None else "%.2f ± %.2f" % (m["mean"], m["std"])
+
+
+def evidence_lines(rec):
+    e, seeds = rec["evidence"], ", ".join("%s %d" % kv for kv in sorted(rec["seeds"].items()))
+    d = e["vs_runner_up"]
+    lines = ["  evidence: test BLEU %s against %s %s (beam 5)%s" % (
+        mean_text(e["test_bleu"]), CRITERION[e["runner_up"]], mean_text(e["runner_up_bleu"]),
+        "; paired bootstrap %+.2f [%+.2f, %+.2f], p = %.3f" % (d["diff"], d["lo"], d["hi"], d["p"]) if d else ""),
+             "  cost: %.2fx plain training's student compute (token-rows) and %.2fx its wall time to the best "
+             "epoch" % (e["compute_vs_plain"], e["wall_vs_plain"]),
+             "  %s (seeds: %s)" % ("final" if rec["complete"] else "PROVISIONAL: the study is not finished", seeds)]
+    q = rec.get("equal_compute")
+    if q and q.get("vs_token"):
+        lines.append("  at equal compute (half the epochs, annealed): %+.2f [%+.2f, %+.2f] BLEU against token_kd" % (
+            q["vs_token"]["diff"], q["vs_token"]["lo"], q["vs_token"]["hi"]))
+    return lines
+
+
+def scope_lines(rec, s, i):
+    scope, rule = rec["scope"], rec["scope"]["study_rule"]
+    c, measured = rule["confidence"], (scope["measured"] or {}).get("signals", {})
+
+    def beside(name):
+        return "  (plateau scenario %.4g)" % measured[name] if name in measured else ""
+
+    lines = ["scope: measured on one scenario (docs/PLATEAU.md); the 3-epoch study's rule (%s; %d cells, "
+             "leave-one-cell-out accuracy %.0f%%, mean BLEU lost %.2f%s; docs/STUDY.md) puts yours %s" % (
+                 describe_rule(rule["rule"]), c["cells"], 100 * c["loo_accuracy"], c["loo_bleu_lost"], always(c),
+                 "on the plateau scenario's side of its split" if scope["same_side"] else
+                 "OUTSIDE it: on the other side of its split (%s picks %s%s); the plateau study has not measured "
+                 "such a scenario" % (rule["rule"].get("signal"), rule["method"],
+                                      ": " + OTHER_SIDE[rule["method"]] if rule["method"] in OTHER_SIDE else "")
+                 if scope["same_side"] is False else "(the plateau scenario was not measured: no comparison)"),
+             "signals:",
+             "  capacity_ratio      %.3f  (student %d / teacher %d parameters)%s"
+             % (s["capacity_ratio"], i["student_params"], i["teacher_params"], beside("capacity_ratio")),
+             "  decoding            %d  (%s)%s" % (s["decoding"], i["decoding"], beside("decoding")),
+             "  src_len             %.2f  (mean source pieces, %d sentences of %s)%s" % (
+                 s["src_len"], i["sentences"], i["split"], beside("src_len")),
+             "  rare_rate           %.4f  (source pieces with dictionary index >= %d)%s" % (
+                 s["rare_rate"], i["rare_from_index"], beside("rare_rate")),
+             "  teacher_entropy     %.4f  (nats, %d sampled sentences)%s" % (s["teacher_entropy"], i["sampled"],
+                                                                           beside("teacher_entropy")),
+             "  teacher_confidence  %.4f%s" % (s["teacher_confidence"], beside("teacher_confidence")),
+             "  teacher_nll         %.4f%s" % (s["teacher_nll"], beside("teacher_nll"))]
+    return lines
+
+
 def text_report(result):
-    rec, s, i, c = result["advice"], result["signals"], result["info"], result["advice"]["confidence"]
-    lines = ["recommendation: %s" % rec["criterion"],
-             "  fairseq-train flags: %s" % rec["flags"]]
-    lines += ["  prepare: %s" % p for p in rec["prepare"]]
-    if rec["note"]:
-        lines.append("  note: %s" % rec["note"])
-    lines += ["rule: %s (fitted on %d study cells%s)" % (describe_rule(rec["rule"]), c["cells"],
-                                                       ": " + rec["scope"] if rec["scope"] else ""),
-              "confidence: leave-one-cell-out accuracy %.0f%%, mean BLEU lost %.2f%s; nearest study cell %s: best %s "
-              "by %.2f BLEU (%s)" % (100 * c["loo_accuracy"], c["loo_bleu_lost"], always(c), c["nearest_cell"],
-                                     c["nearest_best"], c["nearest_margin"],
-                                     "agrees" if c["nearest_agrees"] else "DISAGREES"),
-              "signals:",
-              "  capacity_ratio      %.3f  (student %d / teacher %d parameters)"
-              % (s["capacity_ratio"], i["student_params"], i["teacher_params"]),
-              "  decoding            %d  (%s)" % (s["decoding"], i["decoding"]),
-              "  src_len             %.2f  (mean source pieces, %d sentences of %s)" % (s["src_len"], i["sentences"],
-                                                                                      i["split"]),
-              "  rare_rate           %.4f  (source pieces with dictionary index >= %d)" % (s["rare_rate"],
-                                                                                       i["rare_from_index"]),
-              "  teacher_entropy     %.4f  (nats, %d sampled sentences)" % (s["teacher_entropy"], i["sampled"]),
-              "  teacher_confidence  %.4f" % s["teacher_confidence"],
-              "  teacher_nll         %.4f" % s["teacher_nll"]]
-    return "\n".join(lines)
+    rec, s, i = result["advice"], result["signals"], result["info"]
+    lines = ["recommendation: %s (the best final student at the plateau)" % rec["criterion"]] + evidence_lines(rec)
+    lines += ["  fairseq-train flags: %s" % rec["flags"]] + ["  prepare: %s" % p for p in rec["prepare"]]
+    if rec["budget"]:
+        lines.append("tight budget: the best checkpoint within a share of plain training's compute to its plateau: "
+                     + "; ".join("%gx %s" % (b["fraction"], b["criterion"]) for b in rec["budget"]))
+        for m in dict.fromkeys(b["method"] for b in rec["budget"] if b["method"] != rec["method"]):
+            lines.append("  %s flags: %s" % (CRITERION[m], FLAGS[m]))
+    return "\n".join(lines + scope_lines(rec, s, i))
 
 
 def main(args):
-    doc = read_rule(args.rule)
+    answer, doc = read_answer(args.answer), read_rule(args.rule)
     start = time.perf_counter()
     result = measure(args)
     result["info"]["seconds"] = time.perf_counter() - start
-    result["advice"] = advise(doc, result["signals"])
+    result["advice"] = advise(answer, doc, result["signals"])
     print(json.dumps(result, indent=1) if args.json else text_report(result))
     return result
 

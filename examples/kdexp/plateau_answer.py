@@ -1,0 +1,165 @@
+"""The plateau study's answer (issue 28), from docs/plateau_results.json: the block of docs/PLATEAU.md that
+README's "Which KD?" quotes, and kd_plugin/plateau_answer.json, which kd-advise recommends from.
+
+    best final student  = argmax_m mean_seeds test BLEU(m)          m in plain, token, sentence, hybrid
+    tight budget at f   = argmax_m mean_seeds best_within(m, f * U)  f in 1/4, 1/2, 1
+    equal compute       = hybrid-half against token (both annealed over their own budgets, ~equal token-rows)
+
+U: plain's token-rows to its best epoch (mean over its seeds); best_within: validation BLEU of the best
+checkpoint saved within that many token-rows. Differences: paired bootstrap over the seeds both methods have.
+Provisional until every method of the four has SEEDS seeds.
+"""
+import json
+import os
+import statistics
+
+from kdexp.mix import bootstrap_stats
+from kdexp.pipeline import REPO
+
+MAIN = ("plain", "token", "sentence", "hybrid")
+FRACTIONS = (0.25, 0.5, 1.0)
+SEEDS = 3
+NAMES = {"plain": "plain training (label_smoothed_cross_entropy)", "token": "token_kd (top-8 cache)",
+         "sentence": "sentence_kd", "hybrid": "hybrid_kd fixed:0.5", "hybrid-half": "hybrid_kd fixed:0.5 over half "
+         "the epochs", "hybrid-gate": "hybrid_kd with the learned gate"}
+JSON = os.path.join(REPO, "kd_plugin", "plateau_answer.json")
+BLOCK = "plateau-answer"
+
+
+def by_method(records, names):
+    out = {m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"]) for m in names}
+    return {m: rs for m, rs in out.items() if rs}
+
+
+def mean_std(values):
+    """{"mean", "std" (None for one value), "n"}."""
+    values = list(values)
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def ms(values, digits=2):
+    """'mean ± std' (std over >= 2 values) with ``digits`` decimals."""
+    m = mean_std(values)
+    return "%.*f" % (digits, m["mean"]) if m["std"] is None else "%.*f ± %.*f" % (digits, m["mean"], digits, m["std"])
+
+
+def paired(rows, a, b):
+    """Paired bootstrap of a's test sentences against b's over the seeds both have: {"diff", "lo", "hi", "p",
+    "seeds"}; None without a common seed."""
+    seeds = sorted({r["seed"] for r in rows[a]} & {r["seed"] for r in rows[b]})
+    if not seeds:
+        return None
+    stats = [[r["bleu_stats"] for r in rows[m] if r["seed"] in seeds] for m in (a, b)]
+    return dict(zip(("diff", "lo", "hi", "p"), bootstrap_stats(*stats)), seeds=seeds)
+
+
+def diff_text(d):
+    if d is None:
+        return "no common seed"
+    return "%+.2f [%+.2f, %+.2f], p = %.3f (seed%s %s)" % (
+        d["diff"], d["lo"], d["hi"], d["p"], "s" if len(d["seeds"]) > 1 else "", ", ".join(map(str, d["seeds"])))
+
+
+def to_best(r, key):
+    """``key`` (token_rows or wall) of a run at its best epoch."""
+    return next(c[key] for c in r["curve"] if c["epoch"] == r["best_epoch"])
+
+
+def best_within(curve, rows):
+    """Validation BLEU of the best checkpoint saved within ``rows`` cumulative token-rows (a run that ended
+    sooner: its best); None before its first epoch."""
+    seen = [c["valid_bleu"] for c in curve if c["token_rows"] <= rows]
+    return max(seen) if seen else None
+
+
+def unit(rows):
+    """U: plain's token-rows to its best epoch, mean over its seeds."""
+    return statistics.mean(to_best(r, "token_rows") for r in rows["plain"]) if "plain" in rows else None
+
+
+def budget_cells(rows, u):
+    """{fraction: {method: [best_within per seed]}} for the methods whose every seed has a value."""
+    out = {}
+    for f in FRACTIONS:
+        for m, rs in rows.items():
+            values = [best_within(r["curve"], f * u) for r in rs]
+            if all(v is not None for v in values):
+                out.setdefault(f, {})[m] = values
+    return out
+
+
+def answer(records):
+    """The answer as a dict (kd_plugin/plateau_answer.json); None without runs of the four methods."""
+    rows = by_method(records, MAIN)
+    if len(rows) < 2 or "plain" not in rows:
+        return None
+    means = {m: statistics.mean(r["test_bleu"] for r in rs) for m, rs in rows.items()}
+    ranked = sorted(means, key=means.get, reverse=True)
+    final, runner = ranked[0], ranked[1]
+    u = unit(rows)
+    plain_wall = statistics.mean(to_best(r, "wall") for r in rows["plain"])
+    out = {"version": 1, "source": "docs/PLATEAU.md", "seeds": {m: len(rs) for m, rs in rows.items()},
+           "complete": all(len(rows.get(m, ())) >= SEEDS for m in MAIN), "unit_token_rows": u,
+           "final": {"method": final, "test_bleu": mean_std(r["test_bleu"] for r in rows[final]),
+                     "runner_up": runner, "runner_up_bleu": mean_std(r["test_bleu"] for r in rows[runner]),
+                     "vs_runner_up": paired(rows, final, runner),
+                     "compute_vs_plain": statistics.mean(to_best(r, "token_rows") for r in rows[final]) / u,
+                     "wall_vs_plain": statistics.mean(to_best(r, "wall") for r in rows[final]) / plain_wall},
+           "budget": []}
+    for f, cells in sorted(budget_cells(rows, u).items()):
+        best = max(cells, key=lambda m: statistics.mean(cells[m]))
+        out["budget"].append({"fraction": f, "method": best, "valid_bleu": mean_std(cells[best])})
+    half = by_method(records, ("hybrid-half",))
+    if half and "token" in rows:
+        both = dict(rows, **half)
+        out["equal_compute"] = {
+            "method": "hybrid-half", "test_bleu": mean_std(r["test_bleu"] for r in half["hybrid-half"]),
+            "vs_token": paired(both, "hybrid-half", "token"),
+            "compute_vs_token": statistics.mean(r["curve"][-1]["token_rows"] for r in half["hybrid-half"])
+            / statistics.mean(r["curve"][-1]["token_rows"] for r in rows["token"])}
+    scenario = next((r for r in records if r["method"] == "scenario"), None)
+    if scenario:
+        out["scenario"] = {k: scenario[k] for k in ("signals", "student_params", "teacher_params")}
+    return out
+
+
+def block(records, a):
+    """The lines of the generated block README quotes (between its BEGIN and END markers)."""
+    rows = by_method(records, MAIN + ("hybrid-half",))
+    f = a["final"]
+    d = f["vs_runner_up"]
+    lines = ["<!-- %s: BEGIN (generated, do not edit) -->" % BLOCK,
+             "- **Best final student: %s.** Test BLEU %s (beam 5, %d seed%s) against %s %s (%d); paired bootstrap: "
+             "%s. Its cost: %.2fx plain's student token-rows and %.2fx its wall time to the best epoch." % (
+                 NAMES[f["method"]], ms(r["test_bleu"] for r in rows[f["method"]]), len(rows[f["method"]]),
+                 "s" if len(rows[f["method"]]) > 1 else "", NAMES[f["runner_up"]],
+                 ms(r["test_bleu"] for r in rows[f["runner_up"]]), len(rows[f["runner_up"]]), diff_text(d),
+                 f["compute_vs_plain"], f["wall_vs_plain"])]
+    if a["budget"]:
+        cells = budget_cells(rows, a["unit_token_rows"])
+        lines.append("- **Tight budget:** the best checkpoint saved within a share of plain's student compute to "
+                     "its plateau (%s token-rows) comes from %s." % (
+                         "{:,}".format(int(a["unit_token_rows"])),
+                         "; ".join("%gx: %s (valid BLEU %s)" % (b["fraction"], NAMES[b["method"]],
+                                                                ms(cells[b["fraction"]][b["method"]]))
+                                   for b in a["budget"])))
+    e = a.get("equal_compute")
+    if e:
+        lines.append("- **Equal compute, both annealed:** %s (%.2fx token_kd's token-rows) scores %s test BLEU "
+                     "(%d seed%s); against token_kd: %s." % (
+                         NAMES["hybrid-half"], e["compute_vs_token"], ms(r["test_bleu"] for r in rows["hybrid-half"]),
+                         e["test_bleu"]["n"], "s" if e["test_bleu"]["n"] > 1 else "", diff_text(e["vs_token"])))
+    else:
+        lines.append("- **Equal compute, both annealed:** hybrid-half (the hybrid over half the epochs) not run yet.")
+    seeds = ", ".join("%s %d" % (m, a["seeds"].get(m, 0)) for m in MAIN)
+    lines.append("- Status: %s (seeds: %s)." % ("final" if a["complete"] else
+                                                 "**provisional** until every method has %d seeds" % SEEDS, seeds))
+    return lines + ["<!-- %s: END -->" % BLOCK]
+
+
+def write_json(a, path=JSON):
+    with open(path + ".tmp", "w") as f:
+        json.dump(a, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
