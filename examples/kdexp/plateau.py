@@ -167,10 +167,13 @@ VALID_RE = re.compile(r"\| (\w+) ([-\d.e+]+)")
 
 def curve(logs, rows):
     """[{epoch, updates, wall, token_rows, valid_loss, valid_nll_loss, valid_bleu}] from a run's fairseq-train
-    logs (a resumed run's repeated epoch keeps its last line; wall: seconds since the run began, None if the
-    epoch ended without its summary line)."""
+    logs, earlier parts first (a resumed run's repeated epoch keeps its last line). wall: seconds of training
+    since the run began, None if the epoch ended without its summary line. fairseq's own wall clock restarts
+    with each process, so a resumed part's clock is offset by the run's wall at the epoch it resumed from (the
+    part of an epoch lost to a stop is not counted)."""
     out, wall = {}, {}
     for log in logs:
+        part = {}
         for line in open(log, errors="replace"):
             if "| valid on 'valid' subset" in line:
                 v = dict(VALID_RE.findall(line))
@@ -178,9 +181,12 @@ def curve(logs, rows):
                 out[e] = {"epoch": e, "updates": int(v["num_updates"]), "token_rows": e * rows,
                           "valid_loss": float(v["loss"]), "valid_nll_loss": float(v["nll_loss"]),
                           "valid_bleu": float(v["bleu"])}
-            elif "| train | epoch" in line:  # the epoch's summary: fairseq's wall clock since the run began
+            elif "| train | epoch" in line:  # the epoch's summary: fairseq's wall clock since this process began
                 v = dict(VALID_RE.findall(line))
-                wall[int(line.split("| train | epoch")[1].split()[0])] = float(v["wall"])
+                part[int(line.split("| train | epoch")[1].split()[0])] = float(v["wall"])
+        if part:
+            offset = wall.get(min(part) - 1, 0.0)
+            wall.update({e: w + offset for e, w in part.items()})
     return [dict(out[k], wall=wall.get(k)) for k in sorted(out)]
 
 
