@@ -159,7 +159,8 @@ def synthetic_answer(final, budget, scenario_ratio):
                 "method": final, "test_bleu": bleu, "runner_up": "plain", "runner_up_bleu": bleu,
                 "vs_runner_up": {"diff": 1.0, "lo": 0.5, "hi": 1.5, "p": 0.001, "seeds": [1, 2, 3]},
                 "compute_vs_plain": 2.0, "wall_vs_plain": 1.8},
-            "budget": [{"fraction": f, "method": m, "valid_bleu": bleu} for f, m in budget],
+            "budget": [{"fraction": f, "method": m, "valid_bleu": bleu, "runner_up": "plain", "runner_up_bleu": bleu,
+                        "within_spread": f == 1.0} for f, m in budget],
             "scenario": {"signals": dict({s: 0.0 for s in advice.SIGNALS}, capacity_ratio=scenario_ratio),
                          "student_params": 1, "teacher_params": 1}}
 
@@ -215,7 +216,8 @@ def test_text_report_warns_outside_the_plateau_scenarios_side(scenario_ratio):
             "rare_from_index": 5, "sampled": 9}
     text = advise.text_report({"advice": rec, "signals": signals, "info": info})
     assert text.startswith("recommendation: token_kd (the best final student at the plateau)")
-    assert "0.25x sentence_kd; 1x token_kd" in text and "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text
+    assert "0.25x sentence_kd; 1x token_kd (tied with label_smoothed_cross_entropy (no KD) within the seeds' spread)" in text
+    assert "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text
     assert ("OUTSIDE" in text) is (scenario_ratio > doc["rule"]["threshold"])
     assert "capacity_ratio      0.000  (student 1 / teacher 2 parameters)  (plateau scenario %.4g)" % scenario_ratio \
         in text

@@ -270,6 +270,8 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     # within 75 rows: nothing saved yet; 150: sentence 28.15; 300: sentence's best 28.15 < token 31.15
     picks = {b["fraction"]: (b["method"], round(b["valid_bleu"]["mean"], 2)) for b in a["budget"]}
     assert picks == {0.5: ("sentence", 28.15), 1.0: ("token", 31.15)}
+    one = next(b for b in a["budget"] if b["fraction"] == 1.0)  # token 31.1/31.2 vs plain 30.1/30.2: apart
+    assert one["runner_up"] == "plain" and one["within_spread"] is False
     assert "equal_compute" not in a
     records = synthetic_records([1, 2, 3], bleu, curves, half=True)
     a = plateau_answer.answer(records)
@@ -290,3 +292,20 @@ def test_committed_report_and_answer_are_generated_from_the_committed_records(tm
     for made, committed in ((md, plateau_report.MD), (js, plateau_answer.JSON)):
         with open(made) as f, open(committed) as g:
             assert f.read() == g.read(), committed
+
+
+def test_curve_wall_continues_across_a_resume(tmp_path):
+    """fairseq's wall clock restarts with each process: a resumed part's epochs are offset by the run's wall at
+    the epoch it resumed from (here epoch 2, repeated after the stop, counts from epoch 1's wall)."""
+    def lines(epoch, wall, bleu):
+        return ("2026-12-05 10:00:00 | INFO | train | epoch %03d | loss 3.4 | nll_loss 1.9 | num_updates %d | "
+                "train_wall %d | wall %d\n" % (epoch, 10 * epoch, wall - 5, wall) +
+                "2026-12-05 10:00:01 | INFO | valid | epoch %03d | valid on 'valid' subset | loss 3.3 | nll_loss 1.7 | "
+                "ppl 3.2 | bleu %.2f | num_updates %d | best_bleu %.2f\n" % (epoch, bleu, 10 * epoch, bleu))
+
+    first, second = tmp_path / "train.0.log", tmp_path / "train.log"
+    first.write_text(lines(1, 100, 10.0) + lines(2, 210, 12.0))
+    second.write_text(lines(2, 95, 12.5) + lines(3, 190, 14.0))
+    got = plateau.curve([str(first), str(second)], rows=7)
+    assert [(c["epoch"], c["wall"], c["valid_bleu"], c["token_rows"], c["updates"]) for c in got] == [
+        (1, 100.0, 10.0, 7, 10), (2, 195.0, 12.5, 14, 20), (3, 290.0, 14.0, 21, 30)]

@@ -89,6 +89,14 @@ def budget_cells(rows, u):
     return out
 
 
+def within_spread(a, b):
+    """True when two methods' means differ by less than the larger of their seed standard deviations (None when
+    either has one seed or there is no second method)."""
+    if b is None or a["std"] is None or b["std"] is None:
+        return None
+    return abs(a["mean"] - b["mean"]) < max(a["std"], b["std"])
+
+
 def answer(records):
     """The answer as a dict (kd_plugin/plateau_answer.json); None without runs of the four methods."""
     rows = by_method(records, MAIN)
@@ -108,8 +116,11 @@ def answer(records):
                      "wall_vs_plain": statistics.mean(to_best(r, "wall") for r in rows[final]) / plain_wall},
            "budget": []}
     for f, cells in sorted(budget_cells(rows, u).items()):
-        best = max(cells, key=lambda m: statistics.mean(cells[m]))
-        out["budget"].append({"fraction": f, "method": best, "valid_bleu": mean_std(cells[best])})
+        ranked = sorted(cells, key=lambda m: statistics.mean(cells[m]), reverse=True)
+        best, runner = mean_std(cells[ranked[0]]), mean_std(cells[ranked[1]]) if len(ranked) > 1 else None
+        out["budget"].append({"fraction": f, "method": ranked[0], "valid_bleu": best,
+                              "runner_up": ranked[1] if runner else None, "runner_up_bleu": runner,
+                              "within_spread": within_spread(best, runner)})
     half = by_method(records, ("hybrid-half",))
     if half and "token" in rows:
         both = dict(rows, **half)
@@ -138,12 +149,18 @@ def block(records, a):
                  f["compute_vs_plain"], f["wall_vs_plain"])]
     if a["budget"]:
         cells = budget_cells(rows, a["unit_token_rows"])
+
+        def pick(b):
+            c = cells[b["fraction"]]
+            text = "%gx: %s (valid BLEU %s" % (b["fraction"], NAMES[b["method"]], ms(c[b["method"]]))
+            if b["runner_up"]:
+                text += "; next %s %s%s" % (NAMES[b["runner_up"]], ms(c[b["runner_up"]]),
+                                            ", within the seeds' spread" if b["within_spread"] else "")
+            return text + ")"
+
         lines.append("- **Tight budget:** the best checkpoint saved within a share of plain's student compute to "
                      "its plateau (%s token-rows) comes from %s." % (
-                         "{:,}".format(int(a["unit_token_rows"])),
-                         "; ".join("%gx: %s (valid BLEU %s)" % (b["fraction"], NAMES[b["method"]],
-                                                                ms(cells[b["fraction"]][b["method"]]))
-                                   for b in a["budget"])))
+                         "{:,}".format(int(a["unit_token_rows"])), "; ".join(pick(b) for b in a["budget"])))
     e = a.get("equal_compute")
     if e:
         lines.append("- **Equal compute, both annealed:** %s (%.2fx token_kd's token-rows) scores %s test BLEU "

@@ -200,8 +200,7 @@ def advise(answer, doc, signals):
     """The plateau study's answer (the best final student, the tight-budget picks) and the scope check: does
     the 3-epoch study's rule put ``signals`` on the side of its split where it puts the plateau scenario?"""
     out = dict(method_advice(answer["final"]["method"]), evidence=answer["final"], complete=answer["complete"],
-               seeds=answer["seeds"], budget=[dict(method_advice(b["method"]), fraction=b["fraction"],
-                                                   valid_bleu=b["valid_bleu"]) for b in answer["budget"]],
+               seeds=answer["seeds"], budget=[dict(b, **method_advice(b["method"])) for b in answer["budget"]],
                equal_compute=answer.get("equal_compute"))
     rule = study_rule(doc, signals)
     measured = answer.get("scenario")
@@ -280,7 +279,9 @@ def text_report(result):
     lines += ["  fairseq-train flags: %s" % rec["flags"]] + ["  prepare: %s" % p for p in rec["prepare"]]
     if rec["budget"]:
         lines.append("tight budget: the best checkpoint within a share of plain training's compute to its plateau: "
-                     + "; ".join("%gx %s" % (b["fraction"], b["criterion"]) for b in rec["budget"]))
+                     + "; ".join("%gx %s%s" % (b["fraction"], b["criterion"], " (tied with %s within the seeds' spread)"
+                                                   % CRITERION[b["runner_up"]] if b.get("within_spread") else "")
+                                 for b in rec["budget"]))
         for m in dict.fromkeys(b["method"] for b in rec["budget"] if b["method"] != rec["method"]):
             lines.append("  %s flags: %s" % (CRITERION[m], FLAGS[m]))
     return "\n".join(lines + scope_lines(rec, s, i))
