@@ -216,6 +216,7 @@ def test_text_report_warns_outside_the_plateau_scenarios_side(scenario_ratio):
             "rare_from_index": 5, "sampled": 9}
     text = advise.text_report({"advice": rec, "signals": signals, "info": info})
     assert text.startswith("recommendation: token_kd (the best final student at the plateau)")
+    assert "paired bootstrap over the seeds both have (1, 2, 3): +1.00 [+0.50, +1.50], p = 0.001" in text
     assert "0.25x sentence_kd; 1x token_kd (tied with label_smoothed_cross_entropy (no KD) within the seeds' spread)" in text
     assert "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text
     assert ("OUTSIDE" in text) is (scenario_ratio > doc["rule"]["threshold"])

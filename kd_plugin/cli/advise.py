@@ -232,7 +232,8 @@ def evidence_lines(rec):
     d = e["vs_runner_up"]
     lines = ["  evidence: test BLEU %s against %s %s (beam 5)%s" % (
         mean_text(e["test_bleu"]), CRITERION[e["runner_up"]], mean_text(e["runner_up_bleu"]),
-        "; paired bootstrap %+.2f [%+.2f, %+.2f], p = %.3f" % (d["diff"], d["lo"], d["hi"], d["p"]) if d else ""),
+        "; paired bootstrap over the seeds both have (%s): %+.2f [%+.2f, %+.2f], p = %.3f" % (
+            ", ".join(map(str, d["seeds"])), d["diff"], d["lo"], d["hi"], d["p"]) if d else ""),
              "  cost: %.2fx plain training's student compute (token-rows) and %.2fx its wall time to the best "
              "epoch" % (e["compute_vs_plain"], e["wall_vs_plain"]),
              "  %s (seeds: %s)" % ("final" if rec["complete"] else "PROVISIONAL: the study is not finished", seeds)]
