@@ -151,16 +151,22 @@ def rule(tmp_path_factory):
     return path
 
 
-def synthetic_answer(final, budget, scenario_ratio):
-    """A plateau answer (the schema of kdexp.plateau_answer.answer) whose scenario has ``scenario_ratio``."""
+def synthetic_answer(final, budget, scenario_ratio, greedy="sentence"):
+    """A plateau answer (the schema of kdexp.plateau_answer.answer) whose scenario has ``scenario_ratio``, whose
+    best final student is ``final`` under beam 5 and ``greedy`` under greedy decoding."""
     bleu = {"mean": 30.0, "std": 0.5, "n": 3}
     return {"version": 1, "source": "docs/PLATEAU.md", "complete": True, "seeds": {m: 3 for m in METHODS},
             "unit_token_rows": 1000, "final": {
                 "method": final, "test_bleu": bleu, "runner_up": "plain", "runner_up_bleu": bleu,
                 "vs_runner_up": {"diff": 1.0, "lo": 0.5, "hi": 1.5, "p": 0.001, "seeds": [1, 2, 3]},
                 "compute_vs_plain": 2.0, "wall_vs_plain": 1.8},
-            "budget": [{"fraction": f, "method": m, "valid_bleu": bleu, "runner_up": "plain", "runner_up_bleu": bleu,
+            "budget": [{"fraction": f, "method": m, "value": bleu, "runner_up": "plain", "runner_up_value": bleu,
                         "within_spread": f == 1.0} for f, m in budget],
+            "cost": {m: {"compute_vs_plain": 1.0 + i, "wall_vs_plain": 1.5 + i} for i, m in enumerate(METHODS)},
+            "by_decoding": {"beam5": {"method": final, "value": bleu, "runner_up": "plain", "runner_up_value": bleu,
+                                      "within_spread": False},
+                            "greedy": {"method": greedy, "value": bleu, "runner_up": "plain",
+                                       "runner_up_value": bleu, "within_spread": False}},
             "scenario": {"signals": dict({s: 0.0 for s in advice.SIGNALS}, capacity_ratio=scenario_ratio),
                          "student_params": 1, "teacher_params": 1}}
 
@@ -186,8 +192,11 @@ def advised(data_bin, teacher, rule, answer):
 def test_recommends_the_plateau_answer_with_signals_and_scope(advised):
     rec, ans = advised["advice"], advised["answer"]
     assert set(advised["signals"]) == set(advice.SIGNALS)
-    # the recommendation is the answer's, not the rule's
-    assert rec["method"] == "hybrid" and rec["flags"] == advise.FLAGS["hybrid"] and rec["evidence"] == ans["final"]
+    # the recommendation is the answer's for the decoding asked for (--beam 1: greedy), not the rule's
+    assert advised["signals"]["decoding"] == 1 and rec["decoding"] == "greedy"
+    assert rec["method"] == "sentence" and rec["flags"] == advise.FLAGS["sentence"]
+    assert rec["evidence"]["compute_vs_plain"] == ans["cost"]["sentence"]["compute_vs_plain"] == 3.0
+    assert rec["evidence"]["vs_runner_up"] is None  # no paired statistics outside beam 5
     assert [(b["fraction"], b["method"], b["flags"]) for b in rec["budget"]] == [
         (0.5, "sentence", advise.FLAGS["sentence"]), (1.0, "token", advise.FLAGS["token"])]
     # scope: the synthetic rule (a stump on capacity_ratio: sentence below its threshold, token above) applied
@@ -215,7 +224,7 @@ def test_text_report_warns_outside_the_plateau_scenarios_side(scenario_ratio):
     info = {"student_params": 1, "teacher_params": 2, "decoding": "beam", "sentences": 9, "split": "train",
             "rare_from_index": 5, "sampled": 9}
     text = advise.text_report({"advice": rec, "signals": signals, "info": info})
-    assert text.startswith("recommendation: token_kd (the best final student at the plateau)")
+    assert text.startswith("recommendation: token_kd (the best final student at the plateau, beam 5)")
     assert "paired bootstrap over the seeds both have (1, 2, 3): +1.00 [+0.50, +1.50], p = 0.001" in text
     assert "0.25x sentence_kd; 1x token_kd (tied with label_smoothed_cross_entropy (no KD) within the seeds' spread)" in text
     assert "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text

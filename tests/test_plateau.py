@@ -224,8 +224,9 @@ def test_demo_distils_the_plateau_teacher_when_asked(study, tmp_path):
 
 
 def synthetic_records(seeds, bleu, curves, half=None):
-    """Records of the four methods (and hybrid-half when ``half``): per method a test BLEU per seed, a validation
-    curve [(token_rows, valid_bleu)] per epoch, random per-sentence BLEU statistics scaled by the BLEU."""
+    """Records of the four methods (and hybrid-half when ``half``): per method a test BLEU per seed (and greedy and
+    sampling BLEU from it), a validation curve [(token_rows, valid_bleu)] per epoch, random per-sentence BLEU
+    statistics scaled by the BLEU."""
     import numpy as np
 
     rng = np.random.RandomState(0)
@@ -243,8 +244,10 @@ def synthetic_records(seeds, bleu, curves, half=None):
             curve = [{"epoch": e + 1, "token_rows": rows, "valid_bleu": v + 0.1 * s, "wall": 10.0 * (e + 1)}
                      for e, (rows, v) in enumerate(curves[m])]
             best = max(curve, key=lambda c: c["valid_bleu"])["epoch"]
-            out.append({"method": m, "seed": s, "test_bleu": bleu[m] + 0.2 * s, "bleu_stats": stats(bleu[m]),
-                        "curve": curve, "best_epoch": best})
+            test = bleu[m] + 0.2 * s  # greedy 2 BLEU lower; sampling 12 lower, but sentence's only 5
+            decoding = {"beam5": test, "greedy": test - 2, "sampling": test - (5 if m == "sentence" else 12)}
+            out.append({"method": m, "seed": s, "test_bleu": test, "bleu_stats": stats(bleu[m]), "curve": curve,
+                        "best_epoch": best, "decoding": {d: {"bleu": b} for d, b in decoding.items()}})
     return out
 
 
@@ -268,11 +271,14 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     assert a["final"]["compute_vs_plain"] == pytest.approx(800 / 300)
     assert a["final"]["test_bleu"]["mean"] == pytest.approx(34.3) and a["final"]["vs_runner_up"]["seeds"] == [1, 2]
     # within 75 rows: nothing saved yet; 150: sentence 28.15; 300: sentence's best 28.15 < token 31.15
-    picks = {b["fraction"]: (b["method"], round(b["valid_bleu"]["mean"], 2)) for b in a["budget"]}
+    picks = {b["fraction"]: (b["method"], round(b["value"]["mean"], 2)) for b in a["budget"]}
     assert picks == {0.5: ("sentence", 28.15), 1.0: ("token", 31.15)}
     one = next(b for b in a["budget"] if b["fraction"] == 1.0)  # token 31.1/31.2 vs plain 30.1/30.2: apart
     assert one["runner_up"] == "plain" and one["within_spread"] is False
     assert "equal_compute" not in a
+    assert {d: (b["method"], b["runner_up"]) for d, b in a["by_decoding"].items()} == {
+        "beam5": ("hybrid", "token"), "greedy": ("hybrid", "token"), "sampling": ("sentence", "hybrid")}
+    assert a["cost"]["sentence"]["compute_vs_plain"] == pytest.approx(150 / 300)
     records = synthetic_records([1, 2, 3], bleu, curves, half=True)
     a = plateau_answer.answer(records)
     assert a["complete"] and a["equal_compute"]["vs_token"]["seeds"] == [1, 2, 3]

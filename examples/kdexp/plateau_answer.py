@@ -18,6 +18,7 @@ from kdexp.pipeline import REPO
 
 MAIN = ("plain", "token", "sentence", "hybrid")
 FRACTIONS = (0.25, 0.5, 1.0)
+DECODINGS = ("beam5", "greedy", "sampling")
 SEEDS = 3
 NAMES = {"plain": "plain training (label_smoothed_cross_entropy)", "token": "token_kd (top-8 cache)",
          "sentence": "sentence_kd", "hybrid": "hybrid_kd fixed:0.5", "hybrid-half": "hybrid_kd fixed:0.5 over half "
@@ -38,10 +39,14 @@ def mean_std(values):
             "n": len(values)}
 
 
-def ms(values, digits=2):
-    """'mean ± std' (std over >= 2 values) with ``digits`` decimals."""
-    m = mean_std(values)
+def mean_text(m, digits=2):
+    """A mean_std as 'mean ± std' (just the mean for one value) with ``digits`` decimals."""
     return "%.*f" % (digits, m["mean"]) if m["std"] is None else "%.*f ± %.*f" % (digits, m["mean"], digits, m["std"])
+
+
+def ms(values, digits=2):
+    """'mean ± std' of ``values`` (std over >= 2 values) with ``digits`` decimals."""
+    return mean_text(mean_std(values), digits)
 
 
 def paired(rows, a, b):
@@ -97,30 +102,35 @@ def within_spread(a, b):
     return abs(a["mean"] - b["mean"]) < max(a["std"], b["std"])
 
 
+def ranked(values):
+    """{method: [value per seed]} -> the best by mean and the next: {"method", "value", "runner_up",
+    "runner_up_value", "within_spread"} (values as mean_std)."""
+    order = sorted(values, key=lambda m: statistics.mean(values[m]), reverse=True)
+    best = mean_std(values[order[0]])
+    runner = mean_std(values[order[1]]) if len(order) > 1 else None
+    return {"method": order[0], "value": best, "runner_up": order[1] if runner else None, "runner_up_value": runner,
+            "within_spread": within_spread(best, runner)}
+
+
 def answer(records):
     """The answer as a dict (kd_plugin/plateau_answer.json); None without runs of the four methods."""
     rows = by_method(records, MAIN)
     if len(rows) < 2 or "plain" not in rows:
         return None
-    means = {m: statistics.mean(r["test_bleu"] for r in rs) for m, rs in rows.items()}
-    ranked = sorted(means, key=means.get, reverse=True)
-    final, runner = ranked[0], ranked[1]
+    top = ranked({m: [r["test_bleu"] for r in rs] for m, rs in rows.items()})
+    final, runner = top["method"], top["runner_up"]
     u = unit(rows)
     plain_wall = statistics.mean(to_best(r, "wall") for r in rows["plain"])
+    cost = {m: {"compute_vs_plain": statistics.mean(to_best(r, "token_rows") for r in rs) / u,
+                "wall_vs_plain": statistics.mean(to_best(r, "wall") for r in rs) / plain_wall} for m, rs in rows.items()}
     out = {"version": 1, "source": "docs/PLATEAU.md", "seeds": {m: len(rs) for m, rs in rows.items()},
-           "complete": all(len(rows.get(m, ())) >= SEEDS for m in MAIN), "unit_token_rows": u,
-           "final": {"method": final, "test_bleu": mean_std(r["test_bleu"] for r in rows[final]),
-                     "runner_up": runner, "runner_up_bleu": mean_std(r["test_bleu"] for r in rows[runner]),
-                     "vs_runner_up": paired(rows, final, runner),
-                     "compute_vs_plain": statistics.mean(to_best(r, "token_rows") for r in rows[final]) / u,
-                     "wall_vs_plain": statistics.mean(to_best(r, "wall") for r in rows[final]) / plain_wall},
-           "budget": []}
-    for f, cells in sorted(budget_cells(rows, u).items()):
-        ranked = sorted(cells, key=lambda m: statistics.mean(cells[m]), reverse=True)
-        best, runner = mean_std(cells[ranked[0]]), mean_std(cells[ranked[1]]) if len(ranked) > 1 else None
-        out["budget"].append({"fraction": f, "method": ranked[0], "valid_bleu": best,
-                              "runner_up": ranked[1] if runner else None, "runner_up_bleu": runner,
-                              "within_spread": within_spread(best, runner)})
+           "complete": all(len(rows.get(m, ())) >= SEEDS for m in MAIN), "unit_token_rows": u, "cost": cost,
+           "final": dict({"method": final, "test_bleu": top["value"], "runner_up": runner,
+                          "runner_up_bleu": top["runner_up_value"], "vs_runner_up": paired(rows, final, runner)},
+                         **cost[final]),
+           "budget": [dict(ranked(cells), fraction=f) for f, cells in sorted(budget_cells(rows, u).items())],
+           "by_decoding": {d: ranked({m: [r["decoding"][d]["bleu"] for r in rs] for m, rs in rows.items()})
+                           for d in DECODINGS}}
     half = by_method(records, ("hybrid-half",))
     if half and "token" in rows:
         both = dict(rows, **half)
@@ -148,19 +158,21 @@ def block(records, a):
                  ms(r["test_bleu"] for r in rows[f["runner_up"]]), len(rows[f["runner_up"]]), diff_text(d),
                  f["compute_vs_plain"], f["wall_vs_plain"])]
     if a["budget"]:
-        cells = budget_cells(rows, a["unit_token_rows"])
-
         def pick(b):
-            c = cells[b["fraction"]]
-            text = "%gx: %s (valid BLEU %s" % (b["fraction"], NAMES[b["method"]], ms(c[b["method"]]))
+            text = "%gx: %s (valid BLEU %s" % (b["fraction"], NAMES[b["method"]], mean_text(b["value"]))
             if b["runner_up"]:
-                text += "; next %s %s%s" % (NAMES[b["runner_up"]], ms(c[b["runner_up"]]),
+                text += "; next %s %s%s" % (NAMES[b["runner_up"]], mean_text(b["runner_up_value"]),
                                             ", within the seeds' spread" if b["within_spread"] else "")
             return text + ")"
 
         lines.append("- **Tight budget:** the best checkpoint saved within a share of plain's student compute to "
                      "its plateau (%s token-rows) comes from %s." % (
                          "{:,}".format(int(a["unit_token_rows"])), "; ".join(pick(b) for b in a["budget"])))
+    lines.append("- **By decoding** (test BLEU of the best checkpoints; the paper's decoding axis): %s." % "; ".join(
+        "%s: %s %s (next %s %s%s)" % (d, NAMES[b["method"]], mean_text(b["value"]), NAMES[b["runner_up"]],
+                                      mean_text(b["runner_up_value"]),
+                                      ", within the seeds' spread" if b["within_spread"] else "")
+        for d, b in a["by_decoding"].items()))
     e = a.get("equal_compute")
     if e:
         lines.append("- **Equal compute, both annealed:** %s (%.2fx token_kd's token-rows) scores %s test BLEU "

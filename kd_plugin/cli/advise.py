@@ -5,8 +5,8 @@ with signals measured in seconds that say how far your scenario is from the one 
               [--split train] [--sample 500] [--beam 5 | --sampling] [--json] [--answer FILE] [--rule FILE]
 
 Recommends what the plateau study found (kd_plugin/plateau_answer.json, written with docs/PLATEAU.md by
-``examples/plateau.py --report``): the criterion that gave the best final student, with its evidence and cost,
-and the one to use on a tight budget. Measures (kd_plugin.advice): the capacity ratio (the student is BUILT from
+``examples/plateau.py --report``): the criterion that gave the best final student under your decoding (beam,
+greedy or sampling), with its evidence and cost, and the one to use on a tight budget. Measures (kd_plugin.advice): the capacity ratio (the student is BUILT from
 --student-arch on the data's dictionaries, never trained), the source length and rare-subword rate of the whole
 split, and the teacher's entropy, confidence and gold NLL under teacher forcing on --sample sentences of it
 (drawn with --seed), each printed beside the plateau scenario's value. Scope: the 3-epoch study's rule
@@ -58,6 +58,7 @@ PREPARE = {
 }
 OTHER_SIDE = {"plain": "every KD method scored below plain training there",
               "hybrid": "hybrid_kd scored best there"}
+DECODING_KEYS = ("beam5", "greedy", "sampling")  # the plateau answer's decodings, by advice.decoding_level
 CRITERION = {"plain": "label_smoothed_cross_entropy (no KD)", "token": "token_kd", "sentence": "sentence_kd",
              "hybrid": "hybrid_kd"}
 
@@ -199,7 +200,15 @@ def study_rule(doc, signals):
 def advise(answer, doc, signals):
     """The plateau study's answer (the best final student, the tight-budget picks) and the scope check: does
     the 3-epoch study's rule put ``signals`` on the side of its split where it puts the plateau scenario?"""
-    out = dict(method_advice(answer["final"]["method"]), evidence=answer["final"], complete=answer["complete"],
+    decoding = DECODING_KEYS[int(signals["decoding"])]
+    pick = answer.get("by_decoding", {}).get(decoding)
+    if decoding == "beam5" or not pick:  # the final student's evidence: the paired bootstrap of beam 5
+        evidence = answer["final"]
+    else:
+        evidence = dict({"test_bleu": pick["value"], "runner_up": pick["runner_up"], "vs_runner_up": None,
+                         "runner_up_bleu": pick["runner_up_value"]}, **answer["cost"][pick["method"]])
+    method = pick["method"] if pick else answer["final"]["method"]
+    out = dict(method_advice(method), decoding=decoding, evidence=evidence, complete=answer["complete"],
                seeds=answer["seeds"], budget=[dict(b, **method_advice(b["method"])) for b in answer["budget"]],
                equal_compute=answer.get("equal_compute"))
     rule = study_rule(doc, signals)
@@ -230,8 +239,9 @@ def mean_text(m):
 def evidence_lines(rec):
     e, seeds = rec["evidence"], ", ".join("%s %d" % kv for kv in sorted(rec["seeds"].items()))
     d = e["vs_runner_up"]
-    lines = ["  evidence: test BLEU %s against %s %s (beam 5)%s" % (
+    lines = ["  evidence: test BLEU %s against %s %s (%s)%s" % (
         mean_text(e["test_bleu"]), CRITERION[e["runner_up"]], mean_text(e["runner_up_bleu"]),
+        "beam 5" if rec["decoding"] == "beam5" else rec["decoding"],
         "; paired bootstrap over the seeds both have (%s): %+.2f [%+.2f, %+.2f], p = %.3f" % (
             ", ".join(map(str, d["seeds"])), d["diff"], d["lo"], d["hi"], d["p"]) if d else ""),
              "  cost: %.2fx plain training's student compute (token-rows) and %.2fx its wall time to the best "
@@ -276,7 +286,9 @@ def scope_lines(rec, s, i):
 
 def text_report(result):
     rec, s, i = result["advice"], result["signals"], result["info"]
-    lines = ["recommendation: %s (the best final student at the plateau)" % rec["criterion"]] + evidence_lines(rec)
+    lines = ["recommendation: %s (the best final student at the plateau, %s)" % (
+        rec["criterion"], "beam 5" if rec["decoding"] == "beam5" else "decoded by " + rec["decoding"])]
+    lines += evidence_lines(rec)
     lines += ["  fairseq-train flags: %s" % rec["flags"]] + ["  prepare: %s" % p for p in rec["prepare"]]
     if rec["budget"]:
         lines.append("tight budget: the best checkpoint within a share of plain training's compute to its plateau: "
