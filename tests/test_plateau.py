@@ -315,3 +315,14 @@ def test_curve_wall_continues_across_a_resume(tmp_path):
     got = plateau.curve([str(first), str(second)], rows=7)
     assert [(c["epoch"], c["wall"], c["valid_bleu"], c["token_rows"], c["updates"]) for c in got] == [
         (1, 100.0, 10.0, 7, 10), (2, 195.0, 12.5, 14, 20), (3, 290.0, 14.0, 21, 30)]
+
+
+def test_bracket_reads_the_fixed_epochs_every_seed_decoded():
+    """(b)'s test BLEU at the fixed epochs around a compute: the epoch there is compute / token-rows per epoch;
+    only epochs every seed decoded count (seed 2 never reached epoch 8)."""
+    rs = [{"curve": [{"token_rows": 100}], "fixed_epochs": {"2": 10.0, "4": 20.0, "8": 30.0}},
+          {"curve": [{"token_rows": 100}], "fixed_epochs": {"2": 12.0, "4": 22.0}}]
+    assert plateau_report.bracket(rs, 300) == "e2 11.00 ± 1.41 / e4 21.00 ± 1.41 (3.0)"
+    assert plateau_report.bracket(rs, 400) == "e4 21.00 ± 1.41 (4.0)"
+    assert plateau_report.bracket(rs, 700) == "e4 21.00 ± 1.41 (7.0)"
+    assert plateau_report.bracket(rs[:1], 700) == "e4 20.00 / e8 30.00 (7.0)"

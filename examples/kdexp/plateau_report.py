@@ -57,6 +57,11 @@ def compute_table(rows):
                                                                  for f in FRACTIONS)))
     best = {f: max(c, key=lambda m: statistics.mean(c[m])) for f, c in cells.items()}
     lines += ["", "Best within " + "; ".join("%gx: %s" % (f, best[f]) for f in FRACTIONS if f in best) + "."]
+    lines += ["", "Test BLEU (beam 5) at the fixed epochs that bracket each share of the compute unit (the "
+              "method's epochs at that compute in brackets):", "",
+              "| method | " + " | ".join("%gx" % f for f in FRACTIONS) + " |", "|---|" + "---|" * len(FRACTIONS)]
+    for m, rs in rows.items():
+        lines.append("| %s | %s |" % (m, " | ".join(bracket(rs, f * ref) for f in FRACTIONS)))
     fixed = sorted({e for rs in rows.values() for r in rs for e in r.get("fixed_epochs", {})}, key=int)
     lines += ["", "Test BLEU (beam 5) at fixed epochs:", "",
               "| method | " + " | ".join("epoch %s" % e for e in fixed) + " |", "|---|" + "---|" * len(fixed)]
@@ -88,6 +93,16 @@ def equal_compute_lines(rows):
             lines.append("- hybrid-half vs %s (test BLEU, beam 5): %s" % (other, answer.diff_text(
                 answer.paired(rows, "hybrid-half", other))))
     return lines
+
+
+def bracket(rs, rows):
+    """'e8 23.68 / e16 28.59 (11.3)': the fixed epochs every seed decoded just below and above the epoch at which
+    these runs reach ``rows`` token-rows, with their mean test BLEU (one side when the other is missing)."""
+    epoch = rows / rs[0]["curve"][0]["token_rows"]
+    fixed = sorted(set.intersection(*(set(map(int, r.get("fixed_epochs", {}))) for r in rs)))
+    sides = [max((e for e in fixed if e <= epoch), default=None), min((e for e in fixed if e >= epoch), default=None)]
+    cells = ["e%d %s" % (e, ms(r["fixed_epochs"][str(e)] for r in rs)) for e in dict.fromkeys(sides) if e is not None]
+    return "%s (%.1f)" % (" / ".join(cells) or "-", epoch)
 
 
 def schedule_lines(plain, other):
