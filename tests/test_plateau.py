@@ -326,3 +326,26 @@ def test_bracket_reads_the_fixed_epochs_every_seed_decoded():
     assert plateau_report.bracket(rs, 400) == "e4 21.00 ± 1.41 (4.0)"
     assert plateau_report.bracket(rs, 700) == "e4 21.00 ± 1.41 (7.0)"
     assert plateau_report.bracket(rs[:1], 700) == "e4 20.00 / e8 30.00 (7.0)"
+
+
+def test_a_run_whose_training_ended_is_not_trained_again(tmp_path):
+    """kdexp.plateau.trained: true only when the last part of the run's log says fairseq-train ended and its best
+    checkpoint exists (a stop during decoding must not train more epochs: fairseq forgets its patience count)."""
+    class P:
+        def path(self, *parts):
+            return os.path.join(str(tmp_path), *parts)
+
+    p = P()
+    os.makedirs(p.path("logs"))
+    os.makedirs(p.path("ckpt", "token-s3"))
+    with open(p.path("logs", "train-token-s3.0.log"), "w") as f:
+        f.write("2026-12-05 | INFO | fairseq_cli.train | done training in 10.0 seconds\n")
+    with open(p.path("logs", "train-token-s3.log"), "w") as f:
+        f.write("2026-12-05 | INFO | train | epoch 039 | loss 2.9\n")  # the last part was cut mid-run
+    open(p.path("ckpt", "token-s3", "checkpoint_best.pt"), "w").close()
+    assert not plateau.trained(p, "token-s3")
+    with open(p.path("logs", "train-token-s3.log"), "a") as f:
+        f.write("2026-12-05 | INFO | fairseq_cli.train | done training in 3821.5 seconds\n")
+    assert plateau.trained(p, "token-s3")
+    os.remove(p.path("ckpt", "token-s3", "checkpoint_best.pt"))
+    assert not plateau.trained(p, "token-s3")

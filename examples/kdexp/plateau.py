@@ -238,6 +238,14 @@ def train(p, key, cmd):
     return time.time() - start
 
 
+def trained(p, key):
+    """True when the run's last training log says fairseq-train ended ("done training") and its best checkpoint
+    is there."""
+    logs = train_logs(p, key)
+    return bool(logs) and os.path.isfile(p.path("ckpt", key, "checkpoint_best.pt")) and \
+        "| done training in " in open(logs[-1], errors="replace").read()
+
+
 def train_logs(p, key):
     """A run's training logs, earlier parts first."""
     parts = sorted((f for f in os.listdir(p.path("logs")) if re.match(r"train-%s\.\d+\.log$" % re.escape(key), f)),
@@ -254,7 +262,9 @@ def student_run(p, method, seed, budget, max_tokens, rows, schedule="cosine"):
     budget = int(budget * BUDGET_SHARE.get(method, 1))
     cmd = train_cmd(p, key, METHODS[method], seed, max_tokens, plateau_stop(max_tokens, budget, schedule))
     restore_inflight(p, key)
-    seconds = train(p, key, cmd)
+    # a run whose training ended before a stop cut its decoding is not trained again (fairseq does not keep its
+    # early-stopping count across processes: a resumed finished run would train more epochs)
+    seconds = 0.0 if trained(p, key) else train(p, key, cmd)
     points = curve(train_logs(p, key), rows_per_epoch(method, rows))
     record = {"method": key.rsplit("-s", 1)[0], "seed": seed, "size": "centre", "teacher_sha256": sha256(teacher_pt(p)),
               "command": relative(cmd), "threads": 1, "max_tokens": max_tokens, "schedule": schedule,
