@@ -283,7 +283,7 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     a = plateau_answer.answer(records)
     assert a["complete"] and a["equal_compute"]["vs_token"]["seeds"] == [1, 2, 3]
     assert a["equal_compute"]["compute_vs_token"] == pytest.approx(400 / 400)
-    block = "\n".join(plateau_answer.block(records, a))
+    block = "\n".join(plateau_answer.block(a))
     assert "**Best final student: hybrid_kd fixed:0.5.** Test BLEU 34.40 ± 0.20 (beam 5, 3 seeds)" in block
     assert "- Status: final (seeds: plain 3, token 3, sentence 3, hybrid 3)." in block
 

@@ -122,7 +122,8 @@ def answer(records):
     u = unit(rows)
     plain_wall = statistics.mean(to_best(r, "wall") for r in rows["plain"])
     cost = {m: {"compute_vs_plain": statistics.mean(to_best(r, "token_rows") for r in rs) / u,
-                "wall_vs_plain": statistics.mean(to_best(r, "wall") for r in rs) / plain_wall} for m, rs in rows.items()}
+                "wall_vs_plain": statistics.mean(to_best(r, "wall") for r in rs) / plain_wall}
+            for m, rs in rows.items()}
     out = {"version": 1, "source": "docs/PLATEAU.md", "seeds": {m: len(rs) for m, rs in rows.items()},
            "complete": all(len(rows.get(m, ())) >= SEEDS for m in MAIN), "unit_token_rows": u, "cost": cost,
            "final": dict({"method": final, "test_bleu": top["value"], "runner_up": runner,
@@ -145,17 +146,18 @@ def answer(records):
     return out
 
 
-def block(records, a):
-    """The lines of the generated block README quotes (between its BEGIN and END markers)."""
-    rows = by_method(records, MAIN + ("hybrid-half",))
+def block(a):
+    """The lines of the generated block README quotes (between its BEGIN and END markers), from answer ``a``."""
     f = a["final"]
-    d = f["vs_runner_up"]
+
+    def seeds(m):
+        return "%d seed%s" % (m["n"], "s" if m["n"] > 1 else "")
+
     lines = ["<!-- %s: BEGIN (generated, do not edit) -->" % BLOCK,
-             "- **Best final student: %s.** Test BLEU %s (beam 5, %d seed%s) against %s %s (%d); paired bootstrap: "
+             "- **Best final student: %s.** Test BLEU %s (beam 5, %s) against %s %s (%d); paired bootstrap: "
              "%s. Its cost: %.2fx plain's student token-rows and %.2fx its wall time to the best epoch." % (
-                 NAMES[f["method"]], ms(r["test_bleu"] for r in rows[f["method"]]), len(rows[f["method"]]),
-                 "s" if len(rows[f["method"]]) > 1 else "", NAMES[f["runner_up"]],
-                 ms(r["test_bleu"] for r in rows[f["runner_up"]]), len(rows[f["runner_up"]]), diff_text(d),
+                 NAMES[f["method"]], mean_text(f["test_bleu"]), seeds(f["test_bleu"]), NAMES[f["runner_up"]],
+                 mean_text(f["runner_up_bleu"]), f["runner_up_bleu"]["n"], diff_text(f["vs_runner_up"]),
                  f["compute_vs_plain"], f["wall_vs_plain"])]
     if a["budget"]:
         def pick(b):
@@ -176,9 +178,9 @@ def block(records, a):
     e = a.get("equal_compute")
     if e:
         lines.append("- **Equal compute, both annealed:** %s (%.2fx token_kd's token-rows) scores %s test BLEU "
-                     "(%d seed%s); against token_kd: %s." % (
-                         NAMES["hybrid-half"], e["compute_vs_token"], ms(r["test_bleu"] for r in rows["hybrid-half"]),
-                         e["test_bleu"]["n"], "s" if e["test_bleu"]["n"] > 1 else "", diff_text(e["vs_token"])))
+                     "(%s); against token_kd: %s." % (
+                         NAMES["hybrid-half"], e["compute_vs_token"], mean_text(e["test_bleu"]), seeds(e["test_bleu"]),
+                         diff_text(e["vs_token"])))
     else:
         lines.append("- **Equal compute, both annealed:** hybrid-half (the hybrid over half the epochs) not run yet.")
     seeds = ", ".join("%s %d" % (m, a["seeds"].get(m, 0)) for m in MAIN)

@@ -188,7 +188,7 @@ def write(records, md=MD, png=PNG, answer_json=answer.JSON):
     if found:
         lines += ["## The answer", "", "How it is read from the sections below: kdexp/plateau_answer.py; "
                   "kd-advise recommends from the same answer (kd_plugin/plateau_answer.json).", ""] + \
-            answer.block(records, found) + [""]
+            answer.block(found) + [""]
         if answer_json:
             answer.write_json(found, answer_json)
     if teacher:
