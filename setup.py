@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 setup(
     name="kd-plugin",
     version="0.1.0",
-    description="Token-level, sentence-level, gated hybrid and on-policy knowledge distillation for fairseq",
+    description="Token-level, sentence-level and gated hybrid knowledge distillation for fairseq",
     packages=find_packages(include=["kd_plugin", "kd_plugin.*"]),
     package_data={"kd_plugin": ["advise_rule.json", "plateau_answer.json"]},  # kd-advise (examples/study_advise.py, plateau.py)
     python_requires=">=3.8",

@@ -15,9 +15,9 @@ The plan, in order (kdexp/plateau.py defines every run):
    the schedule it would train with), one run at a time on a quiet machine: words/s and validation loss; 4096 is used for every method only if it is faster for
    both and its validation loss is no worse (record "batch");
 3. two lanes: the schedule pair (plain seed 1 with the calibration's inverse_sqrt schedule, to show that the
-   study's cosine schedule loses nothing), then for seeds 1, 2, 3: plain, token (followed in its lane by the
-   on-policy stage: on_policy_kd at share 1 and 0.5 and token_kd, one epoch from token's best checkpoint),
-   sentence, hybrid fixed:0.5; then, for seeds 1, 2, 3, hybrid-half (the hybrid over half the budget: equal
+   study's cosine schedule loses nothing), then for seeds 1, 2, 3: plain, token, sentence, hybrid fixed:0.5
+   (each token run was followed in its lane by the on-policy stage, on_policy_kd at share 1 and 0.5 and token_kd,
+   one epoch from its best checkpoint: recorded for the three seeds, on_policy_kd then left the package); then, for seeds 1, 2, 3, hybrid-half (the hybrid over half the budget: equal
    student compute to plain and token at the end of an annealed schedule); last, the learned gate (hybrid-gate)
    for seed 1.
 """
@@ -173,20 +173,7 @@ def run_job(p, a, records, job, max_tokens, rows, budget):
     schedule = "inverse_sqrt" if name.startswith("schedule-") else "cosine"
     if not records.has(name.rsplit("-s", 1)[0], seed):
         record = plateau.student_run(p, method, seed, budget, max_tokens, rows, schedule)
-        keep = [plateau.stage_start(p, name)] if method == "token" and not a.quick else []
-        records.add(record, keep + [plateau.inflight(p, name)])  # its in-flight copy was removed at its end
-    if method == "token":  # the on-policy stage, chained in the same lane
-        updates = budget // plateau.BUDGET_EPOCHS[a.quick]  # one epoch of gold batches
-        for stage in plateau.STAGES:
-            if not records.has(stage, seed) and os.path.isfile(plateau.stage_start(p, name)):
-                records.add(plateau.stage_run(p, stage, seed, updates, max_tokens))
-        if all(records.has(stage, seed) for stage in plateau.STAGES) and os.path.isfile(plateau.stage_start(p, name)):
-            os.remove(plateau.stage_start(p, name))
-            if a.commit and not a.quick:
-                subprocess.call(["git", "rm", "-q", "--cached", "--ignore-unmatch",
-                                 os.path.relpath(plateau.stage_start(p, name), REPO)], cwd=REPO)
-                subprocess.call(["git", "commit", "-q", "-m", "plateau: %s's checkpoint released (its stages are "
-                                 "recorded)" % name], cwd=REPO)
+        records.add(record, [plateau.inflight(p, name)])  # its in-flight copy was removed at its end
 
 
 def main(argv=None):
@@ -207,7 +194,7 @@ def main(argv=None):
         rows = plateau.token_rows(p)
         budget = plateau.BUDGET_EPOCHS[a.quick] * plateau.updates_per_epoch(p.path("data-bin"), max_tokens)
         jobs, lock, errors = plan(a), threading.Lock(), []
-        for config in list(plateau.METHODS.values()) + list(plateau.STAGES.values()):
+        for config in plateau.METHODS.values():
             config.flags()  # imports kd_plugin (and registers its criteria) here, not in two lanes at once
 
         def lane():

@@ -1,7 +1,7 @@
 """kd-plugin: knowledge distillation for fairseq 0.12.2, loaded with ``--user-dir path/to/kd_plugin``.
 
-Registers the task ``translation_kd`` and the criterions ``token_kd``, ``sentence_kd``, ``hybrid_kd`` and
-``on_policy_kd``; changes fairseq in the ways listed in kd_plugin/fairseq_patches (one ``apply()``).
+Registers the task ``translation_kd`` and the criterions ``token_kd``, ``sentence_kd`` and ``hybrid_kd``;
+changes fairseq in the ways listed in kd_plugin/fairseq_patches (one ``apply()``).
 """
 from kd_plugin import fairseq_patches
 

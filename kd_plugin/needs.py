@@ -10,10 +10,7 @@ constructor. The task reads it once, in ``build_criterion``, and from then on:
   only the teacher-decoded ones);
 - puts into every sample exactly the needed keys, named below: ``sample[TEACHER]`` for ``logits``
   (top-``topk`` form when ``topk`` > 0; kd_plugin.signals describes both forms), ``sample[TEACHER_TARGET]``
-  and ``sample[TEACHER_NET_INPUT]`` for ``targets``;
-- with ``on_policy``, replaces the gold prefixes of a share of every training batch by the student's own
-  outputs before the teacher scores the batch (kd_plugin.on_policy; ``sample[ON_POLICY]`` marks those
-  rows), and refuses a ``--teacher-cache`` (it holds the teacher on the gold prefixes only).
+  and ``sample[TEACHER_NET_INPUT]`` for ``targets``.
 
 Task to criterion. A task serves KD criteria when it has a method ``kd_task_facts()`` returning a
 :class:`TaskFacts`; a criterion reads it once, in its constructor, through :func:`task_facts`, which refuses
@@ -30,15 +27,6 @@ from kd_plugin.checks import KDConfigError
 TEACHER = "teacher"  # the teacher's token-level signal, aligned with sample["target"] (kd_plugin.signals)
 TEACHER_TARGET = "teacher_target"  # B x T' teacher-decoded targets
 TEACHER_NET_INPUT = "teacher_net_input"  # {"prev_output_tokens": B x T'} of the teacher-decoded targets
-ON_POLICY = "on_policy"  # B bool: True for rows whose target and prefix are the student's own output
-
-
-@dataclass(frozen=True)
-class OnPolicy:
-    share: float  # lambda: the expected share of training sentences that take the student's prefix
-    temperature: float  # 0: greedy; > 0: sampling at this temperature
-    max_len_a: float  # length cap a * |x| + b, as fairseq-generate's
-    max_len_b: int
 
 
 @dataclass(frozen=True)
@@ -47,7 +35,6 @@ class TeacherNeeds:
     targets: bool = False  # the teacher-decoded targets (sample[TEACHER_TARGET], sample[TEACHER_NET_INPUT])
     topk: int = 0  # K of the token-level signal; 0 = the full vocabulary (online teacher only)
     gold_targets: bool = True  # the loss runs the student on the gold targets (batching counts their length)
-    on_policy: Optional[OnPolicy] = None  # the student's own prefixes for a share of the training sentences
 
 
 @dataclass(frozen=True)
@@ -55,7 +42,7 @@ class TaskFacts:
     # the encoder output dimension of the student the task built (fairseq-train builds the model before the
     # criterion; hybrid_kd's learned gate reads it); None when the task has built no model
     student_dim: Optional[int]
-    left_pad_target: bool  # targets (gold, teacher-decoded, the student's own) are left-padded
+    left_pad_target: bool  # targets (gold, teacher-decoded) are left-padded
 
 
 def task_facts(task, criterion_name):

@@ -1,14 +1,19 @@
-"""Modes that left the package (docs/MIX.md "Retired modes": what each was, what was measured, why it went).
+"""Modes that left the package: what each was, what was measured and why it went are in docs/MIX.md "Retired
+modes" (the hybrid's and the one-pass mixes, last in commit e6da8c8) and docs/ON_POLICY.md (the criterion
+``on_policy_kd``, last in commit fd0b6af).
 
 Most lost or tied a measured comparison; ``--kd-gate sentence+global`` and ``--kd-gate scalar`` were removed
 without one, and ``--kd-gold-weight`` and ``--kd-gate-warmup`` were never used by a measured configuration: each
-message says which. Commit e6da8c8 is the last one that has them all. A command line or a checkpoint that asks
-for one fails with one line naming it, the commit and why it went (kd_plugin.fairseq_patches.retired_modes for
-fairseq's commands, kd-gate-dump and kd-dump-teacher for their own).
+message says which. A command line or a checkpoint that asks for one fails with one line naming it, the commit
+that last had it and why it went (kd_plugin.fairseq_patches.retired_modes for fairseq's commands, kd-gate-dump
+and kd-dump-teacher for their own). A checkpoint trained with ``on_policy_kd`` is a stock model (the criterion
+kept no state): it still decodes and resumes under another criterion.
 """
 from kd_plugin.checks import KDConfigError
 
-LAST_COMMIT = "e6da8c8"
+LAST_COMMIT = "e6da8c8"  # the last commit with the retired --kd-gate values, --kd-mix rules and extra terms
+ON_POLICY_COMMIT = "fd0b6af"  # the last commit with --criterion on_policy_kd
+_WHERE = {"on_policy_kd": (ON_POLICY_COMMIT, "docs/ON_POLICY.md")}  # others: (LAST_COMMIT, docs/MIX.md)
 _WHY = {
     "scalar": "one learned logit for every sentence, removed without a measured run: its target is relative "
               "like the sentence gate's, so it could not learn a global preference either (docs/GATE.md)",
@@ -24,18 +29,24 @@ _WHY = {
     "targets": "it cached the teacher on its own decoded targets for the --kd-mix rules, retired with them: dump "
                "the gold targets only (kd-dump-teacher without it) and give fairseq-train the decoded corpus with "
                "--teacher-targets",
+    "on_policy_kd": "token-level KD on the student's own outputs for a share of the sentences: as a fine-tuning "
+                    "stage from token_kd's best checkpoint at the plateau it lost to continuing token_kd, at "
+                    "share 1 and 1/2, under every decoding (3 seeds, docs/PLATEAU.md (c)); train with token_kd",
 }
 
 
 def _fail(what, key):
-    raise KDConfigError("%s was removed from kd-plugin (last in commit %s, docs/MIX.md \"Retired modes\"): %s"
-                        % (what, LAST_COMMIT, _WHY[key]))
+    commit, doc = _WHERE.get(key, (LAST_COMMIT, 'docs/MIX.md "Retired modes"'))
+    raise KDConfigError("%s was removed from kd-plugin (last in commit %s, %s): %s" % (what, commit, doc, _WHY[key]))
 
 
 # retired flags of fairseq-train's command line (the criteria's)
 RETIRED_FLAGS = {"--kd-mix": "kd_mix", "--kd-mix-start": "kd_mix", "--kd-mix-end": "kd_mix",
                  "--kd-mix-ramp": "kd_mix", "--kd-gate-global-rate": "global", "--kd-gate-global-bound": "global",
-                 "--kd-gold-weight": "kd_gold_weight", "--kd-gate-warmup": "kd_gate_warmup"}
+                 "--kd-gold-weight": "kd_gold_weight", "--kd-gate-warmup": "kd_gate_warmup",
+                 "--on-policy-share": "on_policy_kd", "--on-policy-temperature": "on_policy_kd",
+                 "--on-policy-max-len-a": "on_policy_kd", "--on-policy-max-len-b": "on_policy_kd"}
+RETIRED_CRITERIA = {"on_policy_kd": "on_policy_kd"}  # --criterion values
 # retired flags of kd-dump-teacher and of its merge step
 DUMP_TEACHER_FLAGS = {"--targets": "targets", "--on-targets": "targets"}
 
@@ -49,12 +60,18 @@ def check_flags(argv, retired_flags):
 
 
 def check_argv(argv):
-    """Refuse a command line (fairseq-train's) that passes a retired flag, or a retired --kd-gate value."""
+    """Refuse a command line (fairseq-train's) that passes a retired flag, a retired --kd-gate value or a
+    retired --criterion."""
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if flag == "--criterion" and value in RETIRED_CRITERIA:
+            _fail("--criterion %s" % value, RETIRED_CRITERIA[value])
     check_flags(argv, RETIRED_FLAGS)
     for i, arg in enumerate(argv):
-        flag, _, value = arg.partition("=")
+        flag, eq, value = arg.partition("=")
         if flag == "--kd-gate":
-            check_gate(value or (argv[i + 1] if i + 1 < len(argv) else ""))
+            check_gate(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
 
 
 def check_gate(spec):

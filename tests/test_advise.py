@@ -166,7 +166,9 @@ def synthetic_answer(final, budget, scenario_ratio, greedy="sentence"):
             "by_decoding": {"beam5": {"method": final, "value": bleu, "runner_up": "plain", "runner_up_value": bleu,
                                       "within_spread": False},
                             "greedy": {"method": greedy, "value": bleu, "runner_up": "plain",
-                                       "runner_up_value": bleu, "within_spread": False}},
+                                       "runner_up_value": bleu, "within_spread": False,
+                                       "vs_runner_up": {"diff": 0.7, "lo": 0.2, "hi": 1.2, "p": 0.004,
+                                                        "seeds": [1, 2, 3]}}},
             "scenario": {"signals": dict({s: 0.0 for s in advice.SIGNALS}, capacity_ratio=scenario_ratio),
                          "student_params": 1, "teacher_params": 1}}
 
@@ -196,7 +198,7 @@ def test_recommends_the_plateau_answer_with_signals_and_scope(advised):
     assert advised["signals"]["decoding"] == 1 and rec["decoding"] == "greedy"
     assert rec["method"] == "sentence" and rec["flags"] == advise.FLAGS["sentence"]
     assert rec["evidence"]["compute_vs_plain"] == ans["cost"]["sentence"]["compute_vs_plain"] == 3.0
-    assert rec["evidence"]["vs_runner_up"] is None  # no paired statistics outside beam 5
+    assert rec["evidence"]["vs_runner_up"] == ans["by_decoding"]["greedy"]["vs_runner_up"]  # greedy's bootstrap
     assert [(b["fraction"], b["method"], b["flags"]) for b in rec["budget"]] == [
         (0.5, "sentence", advise.FLAGS["sentence"]), (1.0, "token", advise.FLAGS["token"])]
     # scope: the synthetic rule (a stump on capacity_ratio: sentence below its threshold, token above) applied

@@ -177,9 +177,6 @@ CASES = {
     "sentence_kd_no_targets": (lambda p, t: ["--criterion", "sentence_kd"],
                                lambda p, t: ["criterion sentence_kd needs teacher-decoded targets",
                                              "--teacher-targets"], False),
-    "on_policy_cache": (lambda p, t: ["--criterion", "on_policy_kd", "--teacher-cache", p.cache4, "--kd-topk", "4"],
-                        lambda p, t: ["criterion on_policy_kd needs an online teacher (--teacher-path)",
-                                      "--teacher-cache holds the teacher's signal on the gold prefixes only"], False),
     # the stock task serves no teacher signal: refused when the criterion is built
     "token_kd_stock_task": (lambda p, t: TOKEN + ["--task", "translation"],
                             lambda p, t: ["--criterion token_kd needs --task translation_kd",
@@ -293,11 +290,6 @@ FLAG_CASES += [("hybrid_kd", "--kd-gate-momentum", v, ()) for v in ("-0.1", "1.1
 FLAG_CASES += [("hybrid_kd", "--kd-gate-hidden", v, ()) for v in ("0", "-1")]
 FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("nope", "fixed:1.5", "fixed:-0.5", "fixed:x", "fixed:nan",
                                                          "global+sentence")]
-FLAG_CASES += [("on_policy_kd", "--on-policy-share", v, ()) for v in ("-0.1", "1.1", "nan")]
-FLAG_CASES += [("on_policy_kd", "--on-policy-temperature", v, ()) for v in ("-1", "nan")]
-FLAG_CASES += [("on_policy_kd", "--on-policy-max-len-a", v, ()) for v in ("-1", "nan")]
-FLAG_CASES += [("on_policy_kd", "--on-policy-max-len-b", v, ()) for v in ("0", "-1")]
-FLAG_CASES += [("on_policy_kd", "--ignore-prefix-size", "1", ())]
 # retired gate values: refused naming the flag (and the commit that last had them, tests/test_retired.py)
 FLAG_CASES += [("hybrid_kd", "--kd-gate", v, ()) for v in ("scalar", "global", "sentence+global", "sample:0.5")]
 

@@ -22,8 +22,6 @@ CONFIGS = {
                                                   "--teacher-path", t, "--teacher-targets", targets],
     "hybrid_kd_sentence_gate": lambda t, targets, cache: ["--criterion", "hybrid_kd", "--kd-gate", "sentence",
                                                           "--teacher-path", t, "--teacher-targets", targets],
-    "on_policy_kd": lambda t, targets, cache: ["--criterion", "on_policy_kd", "--teacher-path", t,
-                                               "--on-policy-share", "0.5", "--on-policy-temperature", "1"],
 }
 LEARNED_GATE = {"hybrid_kd_sentence_gate"}
 

@@ -32,11 +32,6 @@ CASES = {
                                                   "--teacher-path", t, "--teacher-targets", targets],
     "hybrid_kd": lambda t, targets, cache: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", t,
                                             "--teacher-targets", targets],
-    # the student's own prefixes for half the sentences, greedy and sampled (seeded by the batch: exact too)
-    "on_policy_kd_greedy": lambda t, targets, cache: ["--criterion", "on_policy_kd", "--teacher-path", t,
-                                                      "--on-policy-share", "0.5", "--on-policy-temperature", "0"],
-    "on_policy_kd_sampled": lambda t, targets, cache: ["--criterion", "on_policy_kd", "--teacher-path", t,
-                                                       "--on-policy-share", "0.5", "--on-policy-temperature", "1"],
 }
 BACKENDS = ["pytorch_ddp", "legacy_ddp"]
 

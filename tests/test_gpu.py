@@ -1,7 +1,7 @@
 """What only a GPU can check (run by scripts/gpu_check.sh, docs/GPU.md): fairseq's own --fp16 / --bf16.
 
-- every criterion (token_kd online and from a cache, sentence_kd, hybrid_kd, on_policy_kd) trains with real
-  fairseq-train in each precision, its saved weights are values of that half dtype, and stock fairseq-generate
+- every criterion (token_kd online and from a cache, sentence_kd, hybrid_kd) trains with real fairseq-train
+  in each precision, its saved weights are values of that half dtype, and stock fairseq-generate
   (no --user-dir) decodes it;
 - cached and online top-K teachers give the same loss on a half-precision student on GPU;
 - an fp16 teacher whose logits overflow (finite in fp32) does not kill the run: kd_plugin/teacher.py reruns
@@ -44,8 +44,6 @@ CASES = {  # case -> criterion flags, from the fixtures by name
     "sentence_kd": lambda f: ["--criterion", "sentence_kd", "--teacher-targets", f("teacher_targets")],
     "hybrid_kd": lambda f: ["--criterion", "hybrid_kd", "--kd-gate", "sentence", "--teacher-path", f("teacher"),
                             "--teacher-targets", f("teacher_targets")],
-    "on_policy_kd": lambda f: ["--criterion", "on_policy_kd", "--on-policy-share", "0.5", "--on-policy-temperature",
-                               "1", "--teacher-path", f("teacher")],
 }
 
 
@@ -76,10 +74,8 @@ def test_criterion_trains_in_half_precision_and_decodes_with_stock_fairseq(
     assert losses and all(math.isfinite(v) for v in losses), losses
     start = values(next(line for line in log.splitlines() if "| train_inner |" in line), "loss")[0]
     first, last = first_and_last_valid(log)
-    # it learns: on CPU in float32 the last validation is 0.77-0.80 x the first logged training loss.
-    # on_policy_kd's training loss has no gold term on its on-policy rows, so only its validation loss (token_kd's,
-    # on gold prefixes) is compared: 4.359 -> 4.177 on CPU in float32
-    assert last < first and (case == "on_policy_kd" or last < 0.85 * start), (start, first, last)
+    # it learns: on CPU in float32 the last validation is 0.77-0.80 x the first logged training loss
+    assert last < first and last < 0.85 * start, (start, first, last)
     if case != "sentence_kd":
         kd = values(log, "kd_loss")
         assert kd and all(math.isfinite(v) and v > 0 for v in kd), kd

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import BIN, TINY_ARCH, TRAIN_COMMON, USER_DIR, kd_train, load_state
-from kd_plugin.retired import LAST_COMMIT
+from kd_plugin.retired import LAST_COMMIT, ON_POLICY_COMMIT
 
 
 @pytest.mark.parametrize("gate", ["scalar", "global", "sentence+global", "sample:0.5"])
@@ -43,6 +43,37 @@ def test_every_retired_flag_is_named(argv, named):
         check_argv(["DATA", "--arch", "transformer"] + argv)
     assert str(e.value).startswith(named + " was removed") and LAST_COMMIT in str(e.value)
     check_argv(["DATA", "--kd-gate", "fixed:0.5", "--kd-alpha", "0.5"])  # today's flags pass
+
+
+@pytest.mark.parametrize("argv,named", [(["--criterion", "on_policy_kd"], "--criterion on_policy_kd"),
+                                        (["--criterion=on_policy_kd"], "--criterion on_policy_kd"),
+                                        (["--on-policy-share", "0.5"], "--on-policy-share"),
+                                        (["--on-policy-temperature=0"], "--on-policy-temperature"),
+                                        (["--on-policy-max-len-a", "1.2"], "--on-policy-max-len-a"),
+                                        (["--on-policy-max-len-b", "10"], "--on-policy-max-len-b")])
+def test_on_policy_kd_is_named_with_its_own_commit_and_page(argv, named):
+    """on_policy_kd left after the plateau's on-policy stage, later than the other modes: its message names its
+    own commit and docs/ON_POLICY.md, and says what to use instead."""
+    from kd_plugin.checks import KDConfigError
+    from kd_plugin.retired import check_argv
+
+    with pytest.raises(KDConfigError) as e:
+        check_argv(["DATA", "--criterion", "token_kd"] + argv if argv[0] != "--criterion" else ["DATA"] + argv)
+    message = str(e.value)
+    assert message.startswith(named + " was removed from kd-plugin (last in commit %s, docs/ON_POLICY.md)"
+                              % ON_POLICY_COMMIT), message
+    assert "train with token_kd" in message and LAST_COMMIT not in message
+    check_argv(["DATA", "--criterion", "token_kd", "--kd-topk", "8"])  # a criterion that stays passes
+
+
+def test_on_policy_kd_on_fairseq_train_is_one_line_exit_2(data_bin, teacher, tmp_path):
+    save = tmp_path / "ckpt"
+    p = _fairseq_train(data_bin, save, "--criterion", "on_policy_kd", "--teacher-path", teacher,
+                       "--on-policy-share", "0.5", "--max-update", "2")
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("fairseq-train: error: --criterion on_policy_kd was removed") and ON_POLICY_COMMIT in last
+    assert "Traceback" not in p.stderr and not save.exists()
 
 
 @pytest.mark.parametrize("flags", [("--kd-mix", "word"), ("--kd-gate", "global")])
@@ -92,6 +123,22 @@ def test_resuming_a_checkpoint_of_a_retired_mode_fails_naming_it(hybrid_checkpoi
                         "--teacher-path", teacher, "--teacher-targets", teacher_targets, "--max-update", "4",
                         "--restore-file", hybrid_checkpoint)
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_checkpoint_trained_with_on_policy_kd_resumes_under_token_kd(hybrid_checkpoint, data_bin, teacher,
+                                                                        tmp_path):
+    """on_policy_kd kept no state: a checkpoint whose saved criterion is on_policy_kd (as one of commit
+    ON_POLICY_COMMIT) is a stock model, and fairseq-train resumes it under token_kd (a new criterion: its
+    optimizer reset, as fairseq requires)."""
+    old, state = str(tmp_path / "old.pt"), load_state(hybrid_checkpoint)
+    state["cfg"]["criterion"] = {"_name": "on_policy_kd", "on_policy_share": 0.5, "on_policy_temperature": 1.0,
+                                 "kd_alpha": 0.5, "label_smoothing": 0.1}
+    torch.save(state, old)
+    p = _fairseq_train(data_bin, tmp_path / "resume", "--criterion", "token_kd", "--teacher-path", teacher,
+                       "--label-smoothing", "0.1", "--max-update", "4", "--restore-file", old, "--reset-optimizer")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Loaded checkpoint %s" % old in p.stdout + p.stderr  # resumed, not trained from scratch
+    assert os.path.isfile(tmp_path / "resume" / "checkpoint_last.pt")
 
 
 def test_gate_dump_refuses_a_checkpoint_of_a_retired_mode(hybrid_checkpoint, data_bin, tmp_path):

@@ -92,26 +92,16 @@ def missing_flags(args):
 # ------------------------------------------------------------------ the criteria's values
 
 
-def kd_term(topk):
-    """The KD term (token_kd's, hybrid_kd's token half, on_policy_kd's): forward KL at T = 1, alpha 1/2."""
-    return {"kd_alpha": 0.5, "kd_temperature": 1, "kd_divergence": "forward_kl", "kd_js_beta": 0.5,
-            "kd_skew_lambda": 0.1, "kd_topk": topk}
-
-
 def token(topk):
-    """token_kd's values: the KD term on every token."""
-    return dict(kd_term(topk), kd_select="all", kd_select_rate=0.5, kd_select_queue=30000)
+    """token_kd's values (hybrid_kd's token half): forward KL at T = 1, alpha 1/2, on every token."""
+    return {"kd_alpha": 0.5, "kd_temperature": 1, "kd_divergence": "forward_kl", "kd_js_beta": 0.5,
+            "kd_skew_lambda": 0.1, "kd_topk": topk, "kd_select": "all", "kd_select_rate": 0.5,
+            "kd_select_queue": 30000}
 
 
 def gate(weight):
     """hybrid_kd's gate: ``fixed:<w>`` or ``sentence`` (the learned gate's settings are given either way)."""
     return {"kd_gate": weight, "kd_gate_tau": 1, "kd_gate_weight": 1, "kd_gate_momentum": 0.99, "kd_gate_hidden": 64}
-
-
-def on_policy(share):
-    """on_policy_kd's values: the student's own sampled outputs (T = 1, the demo's length cap) for a share."""
-    return dict(kd_term("0"), on_policy_share=share, on_policy_temperature=1, on_policy_max_len_a=1.2,
-                on_policy_max_len_b=10)
 
 
 def plain(before=()):
@@ -128,10 +118,6 @@ def token_kd(before, topk):
 
 def hybrid_kd(before, topk, weight, after=()):
     return Config(tuple(before), "hybrid_kd", dict(token(topk), **gate(weight), **LS), tuple(after))
-
-
-def on_policy_kd(before, share):
-    return Config(tuple(before), "on_policy_kd", dict(on_policy(share), **LS))
 
 
 # ------------------------------------------------------------------ examples/demo.py's students
@@ -206,9 +192,6 @@ BENCH = {
     "hybrid-online-full": ("hybrid_kd, online teacher, full vocab",
                            hybrid_kd(KD_TASK + ONLINE + BENCH_TARGETS, "0", "fixed:0.5")),
     "hybrid-cache": ("hybrid_kd, cached top-K + targets", hybrid_kd(KD_TASK + CACHED, "{topk}", "fixed:0.5")),
-    "on-policy-half": ("on_policy_kd, online teacher, full vocab, share 0.5 sampled",
-                       on_policy_kd(KD_TASK + ONLINE, "0.5")),
-    "on-policy-all": ("on_policy_kd, online teacher, full vocab, share 1 sampled", on_policy_kd(KD_TASK + ONLINE, "1")),
 }
 # bench_kd's loss probes: (label, token_kd's values, kd_topk None = --topk) or None for fairseq's label-smoothed
 # CE alone

@@ -45,13 +45,9 @@ METHODS = {
 # compute (its two passes: ~2x their token-rows per epoch) with its learning rate annealed like theirs
 METHODS["hybrid-half"] = METHODS["hybrid"]
 BUDGET_SHARE = {"hybrid-half": 0.5}
-# the on-policy stage (#22): from token's best checkpoint, one epoch of updates of each arm at a constant lr,
-# the online teacher over the full vocabulary for all three (on_policy_kd cannot read a cache)
-STAGES = {"stage-on-policy-1": configs.on_policy_kd(configs.KD_TASK + configs.ONLINE, "1"),
-          "stage-on-policy-0.5": configs.on_policy_kd(configs.KD_TASK + configs.ONLINE, "0.5"),
-          "stage-token": configs.token_kd(configs.KD_TASK + configs.ONLINE, "0")}
-STAGE_RESETS = ["--reset-optimizer", "--reset-lr-scheduler", "--reset-meters", "--reset-dataloader",
-                "--lr-scheduler", "fixed", "--warmup-updates", "0", "--lr", "3e-4"]
+# the on-policy stage (#22) ran from each seed's token best checkpoint (one epoch of on_policy_kd at share 1 and
+# 1/2 and of token_kd); on_policy_kd lost and left the package (kd_plugin.retired): its records stay, and
+# plateau_report reports them with the commit that last had it
 
 
 def teacher_pt(p):
@@ -212,13 +208,16 @@ def relative(cmd):
 
 
 def decode_run(p, ckpt_dir, name):
-    """The decoding axis of the best checkpoint and beam-5 BLEU at the fixed epochs reached."""
+    """The decoding axis of the best checkpoint, each decoding with its per-sentence BLEU statistics for the
+    paired bootstrap (beam 5's as the record's ``bleu_stats``), and beam-5 BLEU at the fixed epochs reached."""
     out, best = {"decoding": {}}, os.path.join(ckpt_dir, "checkpoint_best.pt")
     for decoding in DECODINGS:
         bleu, chrf, stats, cmd = decode(p, best, decoding, name)
         out["decoding"][decoding] = {"bleu": bleu, "chrf": chrf, "command": relative(cmd)}
         if decoding == "beam5":
             out.update(test_bleu=bleu, test_chrf=chrf, bleu_stats=stats)
+        else:
+            out["decoding"][decoding]["bleu_stats"] = stats
     out["fixed_epochs"] = {}
     for e in FIXED_EPOCHS:
         ckpt = os.path.join(ckpt_dir, "checkpoint%d.pt" % e)
@@ -257,7 +256,7 @@ def train_logs(p, key):
 def student_run(p, method, seed, budget, max_tokens, rows, schedule="cosine"):
     """Train one student to its plateau (``schedule`` "cosine": the study's; "inverse_sqrt": the schedule
     pair's other run, recorded as method "schedule-inverse_sqrt"), decode it, return its record. Its checkpoints
-    are deleted, except token's best, kept in the in-flight directory for the on-policy stage."""
+    are deleted."""
     key = run_key(method if schedule == "cosine" else "schedule-" + schedule, seed)
     budget = int(budget * BUDGET_SHARE.get(method, 1))
     cmd = train_cmd(p, key, METHODS[method], seed, max_tokens, plateau_stop(max_tokens, budget, schedule))
@@ -273,36 +272,8 @@ def student_run(p, method, seed, budget, max_tokens, rows, schedule="cosine"):
               "stopped": stop_reason(points, budget, schedule),
               "best_epoch": max(points, key=lambda c: c["valid_bleu"])["epoch"]}
     record.update(decode_run(p, p.path("ckpt", key), key))
-    if method == "token" and schedule == "cosine":
-        os.makedirs(inflight(p), exist_ok=True)
-        shutil.copy(p.path("ckpt", key, "checkpoint_best.pt"), stage_start(p, key))
     shutil.rmtree(p.path("ckpt", key), ignore_errors=True)
     shutil.rmtree(inflight(p, key), ignore_errors=True)
-    return record
-
-
-def stage_start(p, token_key):
-    return inflight(p, "%s-best.pt" % token_key)
-
-
-def stage_run(p, stage, seed, updates, max_tokens):
-    """One arm of the on-policy stage from token's best checkpoint: ``updates`` updates at a constant lr (the
-    optimizer, schedule, meters and data order reset), decoded."""
-    key = run_key(stage, seed)
-    shutil.rmtree(p.path("ckpt", key), ignore_errors=True)
-    stop = ["--dropout", "0.1", "--attention-dropout", "0", "--activation-dropout", "0", "--weight-decay", "0",
-            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0", "--max-tokens",
-            str(max_tokens), "--required-batch-size-multiple", "8", "--num-workers", "0",
-            "--max-update", str(updates), "--max-epoch", "0"] + STAGE_RESETS + early_stopping()[:-2]
-    cmd = train_cmd(p, key, STAGES[stage], seed, max_tokens, stop,
-                    extra=["--restore-file", stage_start(p, run_key("token", seed))])
-    seconds = train(p, key, cmd)
-    record = {"method": stage, "seed": seed, "size": "centre", "teacher_sha256": sha256(teacher_pt(p)),
-              "from": run_key("token", seed), "updates": updates, "command": relative(cmd), "threads": 1,
-              "max_tokens": max_tokens, "seconds": round(seconds, 1)}
-    record.update(decode_run(p, p.path("ckpt", key), key))
-    record.pop("fixed_epochs")
-    shutil.rmtree(p.path("ckpt", key), ignore_errors=True)
     return record
 
 

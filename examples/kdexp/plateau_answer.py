@@ -6,7 +6,9 @@ README's "Which KD?" quotes, and kd_plugin/plateau_answer.json, which kd-advise 
     equal compute       = hybrid-half against token (both annealed over their own budgets, ~equal token-rows)
 
 U: plain's token-rows to its best epoch (mean over its seeds); best_within: validation BLEU of the best
-checkpoint saved within that many token-rows. Differences: paired bootstrap over the seeds both methods have.
+checkpoint saved within that many token-rows. Differences of test BLEU: paired bootstrap over the seeds both
+methods have, for each decoding; validation BLEU (the budget picks) keeps no per-sentence statistics, so its
+runner-up is flagged when the two means are within the seeds' spread.
 Provisional until every method of the four has SEEDS seeds.
 """
 import json
@@ -49,19 +51,24 @@ def ms(values, digits=2):
     return mean_text(mean_std(values), digits)
 
 
-def paired(rows, a, b):
-    """Paired bootstrap of a's test sentences against b's over the seeds both have: {"diff", "lo", "hi", "p",
-    "seeds"}; None without a common seed."""
+def sentence_stats(r, decoding="beam5"):
+    """A record's per-sentence BLEU statistics of the test set under ``decoding`` (None when not kept)."""
+    return r["bleu_stats"] if decoding == "beam5" else r["decoding"][decoding].get("bleu_stats")
+
+
+def paired(rows, a, b, decoding="beam5"):
+    """Paired bootstrap of a's test sentences against b's under ``decoding``, over the seeds both have: {"diff",
+    "lo", "hi", "p", "seeds"}; None without a common seed or when a run kept no statistics for it."""
     seeds = sorted({r["seed"] for r in rows[a]} & {r["seed"] for r in rows[b]})
-    if not seeds:
+    stats = [[sentence_stats(r, decoding) for r in rows[m] if r["seed"] in seeds] for m in (a, b)]
+    if not seeds or any(s is None for runs in stats for s in runs):
         return None
-    stats = [[r["bleu_stats"] for r in rows[m] if r["seed"] in seeds] for m in (a, b)]
     return dict(zip(("diff", "lo", "hi", "p"), bootstrap_stats(*stats)), seeds=seeds)
 
 
 def diff_text(d):
     if d is None:
-        return "no common seed"
+        return "n/a (no common seed, or no per-sentence statistics kept)"
     return "%+.2f [%+.2f, %+.2f], p = %.3f (seed%s %s)" % (
         d["diff"], d["lo"], d["hi"], d["p"], "s" if len(d["seeds"]) > 1 else "", ", ".join(map(str, d["seeds"])))
 
@@ -112,6 +119,13 @@ def ranked(values):
             "within_spread": within_spread(best, runner)}
 
 
+def by_decoding(rows, decoding):
+    """The ranking of test BLEU under ``decoding``, with the paired bootstrap of the best against the next."""
+    top = ranked({m: [r["decoding"][decoding]["bleu"] for r in rs] for m, rs in rows.items()})
+    top["vs_runner_up"] = paired(rows, top["method"], top["runner_up"], decoding) if top["runner_up"] else None
+    return top
+
+
 def answer(records):
     """The answer as a dict (kd_plugin/plateau_answer.json); None without runs of the four methods."""
     rows = by_method(records, MAIN)
@@ -130,8 +144,7 @@ def answer(records):
                           "runner_up_bleu": top["runner_up_value"], "vs_runner_up": paired(rows, final, runner)},
                          **cost[final]),
            "budget": [dict(ranked(cells), fraction=f) for f, cells in sorted(budget_cells(rows, u).items())],
-           "by_decoding": {d: ranked({m: [r["decoding"][d]["bleu"] for r in rs] for m, rs in rows.items()})
-                           for d in DECODINGS}}
+           "by_decoding": {d: by_decoding(rows, d) for d in DECODINGS}}
     half = by_method(records, ("hybrid-half",))
     if half and "token" in rows:
         both = dict(rows, **half)
@@ -170,10 +183,14 @@ def block(a):
         lines.append("- **Tight budget:** the best checkpoint saved within a share of plain's student compute to "
                      "its plateau (%s token-rows) comes from %s." % (
                          "{:,}".format(int(a["unit_token_rows"])), "; ".join(pick(b) for b in a["budget"])))
+    def against(b):
+        if b.get("vs_runner_up"):
+            return "; paired bootstrap %s" % diff_text(b["vs_runner_up"])
+        return ", within the seeds' spread" if b["within_spread"] else ""
+
     lines.append("- **By decoding** (test BLEU of the best checkpoints; the paper's decoding axis): %s." % "; ".join(
         "%s: %s %s (next %s %s%s)" % (d, NAMES[b["method"]], mean_text(b["value"]), NAMES[b["runner_up"]],
-                                      mean_text(b["runner_up_value"]),
-                                      ", within the seeds' spread" if b["within_spread"] else "")
+                                      mean_text(b["runner_up_value"]), against(b))
         for d, b in a["by_decoding"].items()))
     e = a.get("equal_compute")
     if e:

@@ -145,10 +145,16 @@ def stage_lines(stages):
     lines = decoding_table(stages, "From each seed's token_kd best checkpoint, one epoch of updates per arm "
                                    "(commands in the records).")
     if "stage-token" in stages:
-        lines.append("")
+        lines += ["", "Each on-policy arm minus stage-token, test BLEU, paired bootstrap over the seeds both have:", ""]
         for arm in STAGE_ARMS[:2]:
-            if arm in stages and len(stages[arm]) == len(stages["stage-token"]):
-                lines.append("- %s vs stage-token (beam 5): %s" % (arm, bootstrap_cell(stages, arm, "stage-token")))
+            if arm in stages:
+                lines.append("- %s: %s" % (arm, "; ".join("%s %s" % (d, answer.diff_text(
+                    answer.paired(stages, arm, "stage-token", d))) for d in answer.DECODINGS)))
+    from kd_plugin.retired import ON_POLICY_COMMIT
+
+    lines += ["", "on_policy_kd left the installed package after these runs (kd_plugin/retired.py; its code: "
+              "`git show %s:kd_plugin/criterions/on_policy_kd.py`, its design and earlier measurements: "
+              "[ON_POLICY.md](ON_POLICY.md)); these commands reproduce only with that commit." % ON_POLICY_COMMIT]
     return lines
 
 

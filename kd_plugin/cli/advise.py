@@ -205,7 +205,8 @@ def advise(answer, doc, signals):
     if decoding == "beam5" or not pick:  # the final student's evidence: the paired bootstrap of beam 5
         evidence = answer["final"]
     else:
-        evidence = dict({"test_bleu": pick["value"], "runner_up": pick["runner_up"], "vs_runner_up": None,
+        evidence = dict({"test_bleu": pick["value"], "runner_up": pick["runner_up"],
+                         "vs_runner_up": pick.get("vs_runner_up"),
                          "runner_up_bleu": pick["runner_up_value"]}, **answer["cost"][pick["method"]])
     method = pick["method"] if pick else answer["final"]["method"]
     out = dict(method_advice(method), decoding=decoding, evidence=evidence, complete=answer["complete"],

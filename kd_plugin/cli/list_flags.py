@@ -1,7 +1,7 @@
 r"""kd-flags: the command-line flags kd-plugin adds to fairseq-train, with their defaults and help.
 
     kd-flags              the task translation_kd's flags, then every kd-plugin criterion's
-    kd-flags NAME         one of them: translation_kd, token_kd, sentence_kd, hybrid_kd, on_policy_kd
+    kd-flags NAME         one of them: translation_kd, token_kd, sentence_kd, hybrid_kd
 
 fairseq 0.12.2's ``fairseq-train --help`` is printed before the task's and the criterion's flags are added,
 so it never shows them. This lists, one line per flag (flag, default, help), the flags a task adds over

@@ -28,9 +28,7 @@ from kd_plugin.signals import aligned_log_probs, signal_topk
 
 
 @dataclass
-class KDTermConfig(LabelSmoothedCrossEntropyCriterionConfig):
-    """The token-level KD term's flags (token_kd's without selective KD; on_policy_kd's)."""
-
+class TokenKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     kd_alpha: float = field(default=0.5, metadata={"help": "weight of the KD term, in [0, 1]", "range": (0, 1)})
     kd_temperature: float = field(default=1.0, metadata={
         "help": "softmax temperature T > 0 (loss scaled by T^2)", "range": (0, math.inf), "lo_open": True})
@@ -44,10 +42,6 @@ class KDTermConfig(LabelSmoothedCrossEntropyCriterionConfig):
         "KD over K+1 bins: the teacher's top-K tokens and the mass outside them, for teacher and student "
         "(student: its full softmax at the K ids); temperature tempers the bins (exact at T=1 and for K=V, "
         "an approximation of tempering the full distribution otherwise); 0 = full vocabulary")})
-
-
-@dataclass
-class TokenKDConfig(KDTermConfig):
     kd_select: ChoiceEnum(["all", "batch", "global"]) = field(
         default="all", metadata={"help": "selective KD: tokens with the highest student CE get KD"})
     kd_select_rate: float = field(default=0.5, metadata={

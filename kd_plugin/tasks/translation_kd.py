@@ -4,9 +4,7 @@ Signals (the keys of kd_plugin.needs, the forms of kd_plugin.signals):
   sample["teacher"]            token-level teacher log-probs on the batch's prefixes: online from
                                ``--teacher-path`` (run in train_step/valid_step) or read from ``--teacher-cache``;
   sample["teacher_target"]     teacher-decoded targets from ``--teacher-targets`` (kd-distill-corpus output),
-  sample["teacher_net_input"]  with their ``prev_output_tokens``;
-  sample["on_policy"]          (training, criteria that need it) the rows whose target and prefix are the
-                               student's own output (kd_plugin.on_policy), scored by the online teacher.
+  sample["teacher_net_input"]  with their ``prev_output_tokens``.
 The criterion declares what it needs in ``criterion.teacher_needs`` (kd_plugin.needs.TeacherNeeds); the task
 reads it once in ``build_criterion``, checks the command line against it, and serves exactly that. In return
 the criterion reads ``kd_task_facts()`` (kd_plugin.needs.TaskFacts) once, when it is built.
@@ -24,7 +22,6 @@ from omegaconf import II
 from kd_plugin.checks import KDConfigError
 from kd_plugin.data.kd_dataset import KDLanguagePairDataset, NeedsRef, load_teacher_targets, teacher_targets_prefix
 from kd_plugin.needs import TEACHER, TaskFacts, TeacherNeeds
-from kd_plugin.on_policy import with_student_prefixes
 from kd_plugin.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -42,7 +39,9 @@ class TranslationKDConfig(TranslationConfig):
     teacher_cache: Optional[str] = field(
         default=None, metadata={"help": "directory of cached top-K teacher log-probs written by "
                                         "kd-dump-teacher (no teacher is loaded)"})
-    seed: int = II("common.seed")  # seeds the on-policy rows and sampling (kd_plugin.on_policy)
+    # no flag (an interpolation): kept so that checkpoints saved while it seeded on_policy_kd (retired,
+    # kd_plugin.retired) still load, fairseq refusing a saved task configuration with a key it does not know
+    seed: int = II("common.seed")
 
 
 @register_task("translation_kd", dataclass=TranslationKDConfig)
@@ -124,10 +123,6 @@ class TranslationKDTask(TranslationTask):
         if needs.targets and not self.targets_dir():
             raise KDConfigError("criterion %s needs teacher-decoded targets: pass --teacher-targets DIR "
                                 "(made by kd-distill-corpus)" % name)
-        if needs.on_policy and self.cfg.teacher_cache:
-            raise KDConfigError("criterion %s needs an online teacher (--teacher-path): --teacher-cache holds the "
-                                "teacher's signal on the gold prefixes only, not on the student's own outputs"
-                                % name)
         if needs.logits and self.cfg.teacher_cache:
             from kd_plugin.data.teacher_cache import check_cache_topk
 
@@ -145,16 +140,7 @@ class TranslationKDTask(TranslationTask):
             return
         sample[TEACHER] = self.teacher.signal(sample["net_input"], model, topk=needs.topk)
 
-    def add_student_prefixes(self, sample, model, update_num):
-        """The student's own outputs as the prefixes of a share of the batch, if the criterion needs them."""
-        needs = self.needs.needs
-        if not sample or needs is None or needs.on_policy is None:
-            return sample
-        return with_student_prefixes(sample, model, self.tgt_dict, needs.on_policy, self.cfg.seed, update_num,
-                                     self.cfg.left_pad_target)
-
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        sample = self.add_student_prefixes(sample, model, update_num)
         self.add_teacher_signal(sample, model)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
