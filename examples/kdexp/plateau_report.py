@@ -145,7 +145,8 @@ def stage_lines(stages):
     lines = decoding_table(stages, "From each seed's token_kd best checkpoint, one epoch of updates per arm "
                                    "(commands in the records).")
     if "stage-token" in stages:
-        lines += ["", "Each on-policy arm minus stage-token, test BLEU, paired bootstrap over the seeds both have:", ""]
+        lines += ["", "Each on-policy arm minus stage-token, test BLEU, paired bootstrap over the seeds both have "
+                          "(mean [95% CI]; p: the share of resamples in which the arm does not score higher):", ""]
         for arm in STAGE_ARMS[:2]:
             if arm in stages:
                 lines.append("- %s: %s" % (arm, "; ".join("%s %s" % (d, answer.diff_text(
