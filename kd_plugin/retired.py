@@ -59,19 +59,23 @@ def check_flags(argv, retired_flags):
             _fail(flag, retired_flags[flag])
 
 
-def check_argv(argv):
-    """Refuse a command line (fairseq-train's) that passes a retired flag, a retired --kd-gate value or a
-    retired --criterion."""
+def flag_values(argv, name):
+    """The values ``argv`` gives the flag ``name`` (``--name v`` or ``--name=v``)."""
     for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
-        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-        if flag == "--criterion" and value in RETIRED_CRITERIA:
+        if flag == name:
+            yield value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+
+
+def check_argv(argv):
+    """Refuse a command line (fairseq-train's) that passes a retired --criterion, a retired flag or a retired
+    --kd-gate value."""
+    for value in flag_values(argv, "--criterion"):
+        if value in RETIRED_CRITERIA:
             _fail("--criterion %s" % value, RETIRED_CRITERIA[value])
     check_flags(argv, RETIRED_FLAGS)
-    for i, arg in enumerate(argv):
-        flag, eq, value = arg.partition("=")
-        if flag == "--kd-gate":
-            check_gate(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    for value in flag_values(argv, "--kd-gate"):
+        check_gate(value)
 
 
 def check_gate(spec):
