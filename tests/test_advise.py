@@ -231,6 +231,11 @@ def test_text_report_warns_outside_the_plateau_scenarios_side(scenario_ratio):
     assert "0.25x sentence_kd; 1x token_kd (tied with label_smoothed_cross_entropy (no KD) within the seeds' spread)" in text
     assert "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text
     assert ("OUTSIDE" in text) is (scenario_ratio > doc["rule"]["threshold"])
+    assert "at equal compute" not in text  # no hybrid-half runs in this answer
+    ans["equal_compute"] = {"vs_token": {"diff": -0.49, "lo": -1.22, "hi": 0.22, "p": 0.9, "seeds": [1]}}
+    text = advise.text_report({"advice": advise.advise(ans, doc, signals), "signals": signals, "info": info})
+    assert ("  at equal compute (half the epochs, annealed): -0.49 [-1.22, +0.22] BLEU against token_kd (paired "
+            "bootstrap, seeds 1)") in text
     assert "capacity_ratio      0.000  (student 1 / teacher 2 parameters)  (plateau scenario %.4g)" % scenario_ratio \
         in text
 

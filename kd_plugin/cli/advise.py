@@ -250,8 +250,9 @@ def evidence_lines(rec):
              "  %s (seeds: %s)" % ("final" if rec["complete"] else "PROVISIONAL: the study is not finished", seeds)]
     q = rec.get("equal_compute")
     if q and q.get("vs_token"):
-        lines.append("  at equal compute (half the epochs, annealed): %+.2f [%+.2f, %+.2f] BLEU against token_kd" % (
-            q["vs_token"]["diff"], q["vs_token"]["lo"], q["vs_token"]["hi"]))
+        d = q["vs_token"]
+        lines.append("  at equal compute (half the epochs, annealed): %+.2f [%+.2f, %+.2f] BLEU against token_kd "
+                     "(paired bootstrap, seeds %s)" % (d["diff"], d["lo"], d["hi"], ", ".join(map(str, d["seeds"]))))
     return lines
 
 
