@@ -184,3 +184,19 @@ def test_saved_configuration_of_a_retired_mode_is_named(cfg, named):
     assert str(e.value).startswith("old.pt: %s was removed" % named) and LAST_COMMIT in str(e.value)
     check_criterion_cfg({"kd_gate": "sentence", "kd_mix": "gate", "kd_gold_weight": 0.0, "kd_gate_warmup": 0},
                         "new.pt")  # an old checkpoint of a kept mode (the retired fields at their defaults) passes
+
+
+def test_a_saved_task_configuration_with_its_seed_still_loads():
+    """translation_kd keeps its ``seed`` field (it seeded on_policy_kd's rows): fairseq merges a saved task
+    configuration into the task's dataclass and refuses a key the dataclass lacks (checked on the stock task)."""
+    from fairseq.dataclass.utils import merge_with_parent
+    from fairseq.tasks.translation import TranslationConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    from kd_plugin.tasks.translation_kd import TranslationKDConfig
+
+    saved = OmegaConf.create({"_name": "translation_kd", "data": "DATA", "seed": 3})
+    assert merge_with_parent(TranslationKDConfig(), saved).data == "DATA"
+    with pytest.raises(ConfigKeyError):  # what removing the field would do to such a checkpoint
+        merge_with_parent(TranslationConfig(), OmegaConf.create({"_name": "translation", "data": "DATA", "seed": 3}))

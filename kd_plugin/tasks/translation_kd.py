@@ -41,6 +41,7 @@ class TranslationKDConfig(TranslationConfig):
                                         "kd-dump-teacher (no teacher is loaded)"})
     # no flag (an interpolation): kept so that checkpoints saved while it seeded on_policy_kd (retired,
     # kd_plugin.retired) still load, fairseq refusing a saved task configuration with a key it does not know
+    # (tests/test_retired.py)
     seed: int = II("common.seed")
 
 
