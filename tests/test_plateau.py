@@ -35,8 +35,7 @@ def study(tmp_path_factory):
     driver("plateau_teacher.py", work, tsv, "--max-epoch", "2")
     only = ",".join(plateau.run_key(m, 1) for m in MAIN)
     driver("plateau.py", work, tsv, "--seeds", "1", "--only", only)
-    with open(os.path.join(work, "plateau_results.json")) as f:
-        records = json.load(f)
+    records = plateau.load_records(os.path.join(work, "plateau_results.json"))
     return {"work": work, "tsv": tsv, "only": only, "records": records}
 
 
@@ -105,8 +104,7 @@ def test_no_checkpoint_is_left_and_a_second_run_trains_nothing(study):
     assert sorted(os.listdir(ckpt)) == ["teacher"]
     out = driver("plateau.py", study["work"], study["tsv"], "--seeds", "1", "--only", study["only"])
     assert "recorded" not in out
-    with open(os.path.join(study["work"], "plateau_results.json")) as f:
-        assert json.load(f) == study["records"]
+    assert plateau.load_records(os.path.join(study["work"], "plateau_results.json")) == study["records"]
 
 
 def test_report_from_the_records(study, tmp_path):

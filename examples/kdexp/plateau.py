@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import time
 
-from kdexp import configs, recipes
+from kdexp import configs, plateau_records, recipes
 from kdexp.options import PLATEAU_RECORDS as RESULTS
 from kdexp.pipeline import REPO, StepFailed, read_lines, sha256, tool
 
@@ -319,17 +319,11 @@ def snapshot(p, key):
 
 
 def load_records(path=RESULTS):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
+    return plateau_records.load_records(path)
 
 
 def save_records(records, path=RESULTS):
-    """One record per line (a new run is a one-line diff), written atomically."""
-    with open(path + ".tmp", "w") as f:
-        f.write("[\n" + ",\n".join(json.dumps(r, sort_keys=True) for r in records) + "\n]\n")
-    os.replace(path + ".tmp", path)
+    plateau_records.save_records(records, path)
 
 
 def recorded(records, method, seed):
