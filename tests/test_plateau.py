@@ -260,6 +260,8 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     assert a["final"]["method"] == "hybrid" and a["final"]["runner_up"] == "token"
     assert a["final"]["compute_vs_plain"] == pytest.approx(800 / 300)
     assert a["final"]["test_bleu"]["mean"] == pytest.approx(34.3) and a["final"]["vs_runner_up"]["seeds"] == [1, 2]
+    assert a["final"]["plain_bleu"]["mean"] == pytest.approx(30.3) and a["final"]["vs_plain"]["seeds"] == [1, 2]
+    assert a["final"]["vs_plain"]["lo"] > a["final"]["vs_runner_up"]["lo"] > 0  # 34 vs 30 is wider than 34 vs 31
     # within 75 rows: nothing saved yet; 150: sentence 28.15; 300: sentence's best 28.15 < token 31.15
     picks = {b["fraction"]: (b["method"], round(b["value"]["mean"], 2)) for b in a["budget"]}
     assert picks == {0.5: ("sentence", 28.15), 1.0: ("token", 31.15)}
@@ -284,6 +286,8 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     block = "\n".join(plateau_answer.block(a))
     assert "**Best final student: hybrid_kd fixed:0.5.** Test BLEU 34.40 ± 0.20 (beam 5, 3 seeds)" in block
     assert "- Status: final (seeds: plain 3, token 3, sentence 3, hybrid 3)." in block
+    assert "- **Against plain training** (label-smoothed cross-entropy on the gold targets, 30.40 ± 0.20): " \
+           "hybrid_kd fixed:0.5, paired bootstrap +" in block
 
 
 def test_committed_report_and_answer_are_generated_from_the_committed_records(tmp_path):

@@ -141,7 +141,9 @@ def answer(records):
     out = {"version": 1, "source": "docs/PLATEAU.md", "seeds": {m: len(rs) for m, rs in rows.items()},
            "complete": all(len(rows.get(m, ())) >= SEEDS for m in MAIN), "unit_token_rows": u, "cost": cost,
            "final": dict({"method": final, "test_bleu": top["value"], "runner_up": runner,
-                          "runner_up_bleu": top["runner_up_value"], "vs_runner_up": paired(rows, final, runner)},
+                          "runner_up_bleu": top["runner_up_value"], "vs_runner_up": paired(rows, final, runner),
+                          "plain_bleu": mean_std(r["test_bleu"] for r in rows["plain"]),
+                          "vs_plain": paired(rows, final, "plain") if final != "plain" else None},
                          **cost[final]),
            "budget": [dict(ranked(cells), fraction=f) for f, cells in sorted(budget_cells(rows, u).items())],
            "by_decoding": {d: by_decoding(rows, d) for d in DECODINGS}}
@@ -172,6 +174,9 @@ def block(a):
                  NAMES[f["method"]], mean_text(f["test_bleu"]), seeds(f["test_bleu"]), NAMES[f["runner_up"]],
                  mean_text(f["runner_up_bleu"]), f["runner_up_bleu"]["n"], diff_text(f["vs_runner_up"]),
                  f["compute_vs_plain"], f["wall_vs_plain"])]
+    if f.get("vs_plain"):
+        lines.append("- **Against plain training** (label-smoothed cross-entropy on the gold targets, %s): %s, "
+                     "paired bootstrap %s." % (mean_text(f["plain_bleu"]), NAMES[f["method"]], diff_text(f["vs_plain"])))
     if a["budget"]:
         def pick(b):
             text = "%gx: %s (valid BLEU %s" % (b["fraction"], NAMES[b["method"]], mean_text(b["value"]))
