@@ -232,6 +232,12 @@ def test_text_report_warns_outside_the_plateau_scenarios_side(scenario_ratio):
     assert "  sentence_kd flags: %s" % advise.FLAGS["sentence"] in text
     assert ("OUTSIDE" in text) is (scenario_ratio > doc["rule"]["threshold"])
     assert "at equal compute" not in text  # no hybrid-half runs in this answer
+    assert "against plain training" not in text  # this answer's final student has no bootstrap against plain
+    ans["final"].update(plain_bleu={"mean": 30.0, "std": 0.5, "n": 3},
+                        vs_plain={"diff": 2.5, "lo": 2.0, "hi": 3.0, "p": 0.0, "seeds": [1, 2, 3]})
+    text = advise.text_report({"advice": advise.advise(ans, doc, signals), "signals": signals, "info": info})
+    assert ("  against plain training (no KD, 30.00 ± 0.50): +2.50 [+2.00, +3.00] BLEU (paired bootstrap, "
+            "seeds 1, 2, 3)") in text
     ans["equal_compute"] = {"vs_token": {"diff": -0.49, "lo": -1.22, "hi": 0.22, "p": 0.9, "seeds": [1]}}
     text = advise.text_report({"advice": advise.advise(ans, doc, signals), "signals": signals, "info": info})
     assert ("  at equal compute (half the epochs, annealed): -0.49 [-1.22, +0.22] BLEU against token_kd (paired "

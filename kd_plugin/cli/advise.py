@@ -248,6 +248,10 @@ def evidence_lines(rec):
              "  cost: %.2fx plain training's student compute (token-rows) and %.2fx its wall time to the best "
              "epoch" % (e["compute_vs_plain"], e["wall_vs_plain"]),
              "  %s (seeds: %s)" % ("final" if rec["complete"] else "PROVISIONAL: the study is not finished", seeds)]
+    if e.get("vs_plain"):  # beam 5's evidence: the best final student against plain training
+        d = e["vs_plain"]
+        lines.insert(1, "  against plain training (no KD, %s): %+.2f [%+.2f, %+.2f] BLEU (paired bootstrap, seeds %s)"
+                     % (mean_text(e["plain_bleu"]), d["diff"], d["lo"], d["hi"], ", ".join(map(str, d["seeds"]))))
     q = rec.get("equal_compute")
     if q and q.get("vs_token"):
         d = q["vs_token"]
