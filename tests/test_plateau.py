@@ -211,10 +211,10 @@ def test_demo_distils_the_plateau_teacher_when_asked(study, tmp_path):
            "convergence): not comparable (a QUICK smoke run)\n" in report
 
 
-def synthetic_records(seeds, bleu, curves, half=None):
-    """Records of the four methods (and hybrid-half when ``half``): per method a test BLEU per seed (and greedy and
-    sampling BLEU from it), a validation curve [(token_rows, valid_bleu)] per epoch, random per-sentence BLEU
-    statistics scaled by the BLEU."""
+def synthetic_records(seeds, bleu, curves, half=None, gate=None):
+    """Records of the four methods (and hybrid-half when ``half``, hybrid-gate when ``gate``): per method a test
+    BLEU per seed (and greedy and sampling BLEU from it), a validation curve [(token_rows, valid_bleu)] per
+    epoch, random per-sentence BLEU statistics scaled by the BLEU."""
     import numpy as np
 
     rng = np.random.RandomState(0)
@@ -227,7 +227,7 @@ def synthetic_records(seeds, bleu, curves, half=None):
                 for i in range(n)]
 
     out = []
-    for m in list(MAIN) + (["hybrid-half"] if half else []):
+    for m in list(MAIN) + (["hybrid-half"] if half else []) + (["hybrid-gate"] if gate else []):
         for s in seeds:
             curve = [{"epoch": e + 1, "token_rows": rows, "valid_bleu": v + 0.1 * s, "wall": 10.0 * (e + 1)}
                      for e, (rows, v) in enumerate(curves[m])]
@@ -286,6 +286,14 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     block = "\n".join(plateau_answer.block(a))
     assert "**Best final student: hybrid_kd fixed:0.5.** Test BLEU 34.40 ± 0.20 (beam 5, 3 seeds)" in block
     assert "- Status: final (seeds: plain 3, token 3, sentence 3, hybrid 3)." in block
+    assert "gate" not in a and "- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): not run yet." \
+        in block
+    curves["hybrid-gate"], bleu["hybrid-gate"] = curves["hybrid"], 31.0  # a gate 3 BLEU below the fixed 1/2
+    a = plateau_answer.answer(synthetic_records([1, 2, 3], bleu, curves, half=True, gate=True))
+    assert a["final"]["method"] == "hybrid" and a["gate"]["vs_fixed"]["seeds"] == [1, 2, 3]
+    assert a["gate"]["test_bleu"]["mean"] == pytest.approx(31.4) and a["gate"]["vs_fixed"]["hi"] < 0
+    assert "- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): 31.40 ± 0.20 test BLEU " \
+           "(3 seeds); against the fixed 1/2: -" in "\n".join(plateau_answer.block(a))
     assert "- **Against plain training** (label-smoothed cross-entropy on the gold targets, 30.40 ± 0.20): " \
            "hybrid_kd fixed:0.5, paired bootstrap +" in block
 

@@ -155,6 +155,10 @@ def answer(records):
             "vs_token": paired(both, "hybrid-half", "token"),
             "compute_vs_token": statistics.mean(r["curve"][-1]["token_rows"] for r in half["hybrid-half"])
             / statistics.mean(r["curve"][-1]["token_rows"] for r in rows["token"])}
+    gate = by_method(records, ("hybrid-gate",))
+    if gate and "hybrid" in rows:
+        out["gate"] = {"method": "hybrid-gate", "test_bleu": mean_std(r["test_bleu"] for r in gate["hybrid-gate"]),
+                       "vs_fixed": paired(dict(rows, **gate), "hybrid-gate", "hybrid")}
     scenario = next((r for r in records if r["method"] == "scenario"), None)
     if scenario:
         out["scenario"] = {k: scenario[k] for k in ("signals", "student_params", "teacher_params")}
@@ -205,6 +209,13 @@ def block(a):
                          diff_text(e["vs_token"])))
     else:
         lines.append("- **Equal compute, both annealed:** hybrid-half (the hybrid over half the epochs) not run yet.")
+    g = a.get("gate")
+    if g:
+        lines.append("- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): %s test BLEU (%s); "
+                     "against the fixed 1/2: %s." % (mean_text(g["test_bleu"]), seeds(g["test_bleu"]),
+                                                     diff_text(g["vs_fixed"])))
+    else:
+        lines.append("- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): not run yet.")
     seeds = ", ".join("%s %d" % (m, a["seeds"].get(m, 0)) for m in MAIN)
     lines.append("- Status: %s (seeds: %s)." % ("final" if a["complete"] else
                                                  "**provisional** until every method has %d seeds" % SEEDS, seeds))
