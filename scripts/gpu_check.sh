@@ -126,6 +126,7 @@ bench() {
         --output "$OUT/bench.md" ${GPU_BENCH_ARGS:-} <<'EOF'
 import json, os, re, sys
 import bench_kd  # PYTHONPATH: benchmarks/ and examples/ (bench_kd's library, kdexp)
+import bench_runs  # every fairseq-train command of the benchmark comes from its train_cmd
 import torch
 
 SIZES = {"teacher_layers": 6, "teacher_dim": 512, "teacher_ffn": 2048, "teacher_heads": 8,
@@ -138,11 +139,11 @@ def parse_args(argv=None, _parse=bench_kd.parse_args):
     return a
 
 
-def train_cmd(*args, _cmd=bench_kd.train_cmd, **kw):
+def train_cmd(*args, _cmd=bench_runs.train_cmd, **kw):
     return _cmd(*args, **kw) + ["--fp16"]
 
 
-bench_kd.parse_args, bench_kd.train_cmd = parse_args, train_cmd
+bench_kd.parse_args, bench_runs.train_cmd = parse_args, train_cmd
 sys.argv[0] = "benchmarks/bench_kd.py (scripts/gpu_check.sh: sizes %s, --fp16)" % SIZES
 bench_kd.main(sys.argv[1:])
 
