@@ -359,3 +359,18 @@ def test_a_run_whose_training_ended_is_not_trained_again(tmp_path):
     assert plateau.trained(p, "token-s3")
     os.remove(p.path("ckpt", "token-s3", "checkpoint_best.pt"))
     assert not plateau.trained(p, "token-s3")
+
+
+def test_plateau_table_compares_with_the_best_fully_seeded_other():
+    """(a)'s reference for each row is the best mean among the methods with the most seeds: a method with one
+    seed so far (here a gate ahead of everything on seed 1) is compared, not compared against."""
+    curves = {m: [(100, 10), (200, 20)] for m in list(MAIN) + ["hybrid-gate"]}
+    bleu = {"plain": 30, "token": 31, "sentence": 29, "hybrid": 34, "hybrid-gate": 36}
+    records = synthetic_records([1, 2, 3], bleu, curves) + [
+        r for r in synthetic_records([1], bleu, curves, gate=True) if r["method"] == "hybrid-gate"]
+    for r in records:
+        r["test_chrf"] = 50.0
+    lines = plateau_report.plateau_table(plateau_report.by_method(records, plateau_report.METHODS))
+    row = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert row["plain"].endswith("vs hybrid |") and row["hybrid"].endswith("vs token |")
+    assert row["hybrid-gate"].endswith("(seed 1) vs hybrid |")

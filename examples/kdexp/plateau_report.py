@@ -29,8 +29,8 @@ def plateau_table(rows):
     lines = ["| method | seeds | test BLEU | test chrF | best epoch | epochs run | paired-bootstrap BLEU diff "
              "vs the best other, over the seeds both have (mean [95% CI], p) |", "|---|---|---|---|---|---|---|"]
     means = {m: statistics.mean(r["test_bleu"] for r in rs) for m, rs in rows.items()}
-    for m, rs in rows.items():
-        best = max((o for o in rows if o != m), key=means.get, default=None)
+    for m, rs in rows.items():  # the best other among those with the most seeds (a 1-seed mean is no reference)
+        best = max((o for o in rows if o != m), key=lambda o: (len(rows[o]), means[o]), default=None)
         lines.append("| %s | %d | %s | %s | %s | %s | %s |" % (
             m, len(rs), ms(r["test_bleu"] for r in rs), ms(r["test_chrf"] for r in rs),
             ms((r["best_epoch"] for r in rs), 1 if len(rs) > 1 else 0),
