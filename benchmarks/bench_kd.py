@@ -22,7 +22,7 @@ OMP_NUM_THREADS=--threads (default 1: on a shared machine oversubscribed OpenMP 
 Per run: words/s = fairseq's wps over the train_inner intervals after the warm-up; words/CPU-s = the same
 tokens over the child's CPU time between those lines (robust to waiting for a shared core); peak RSS =
 ru_maxrss of that child alone (os.wait4). Reported as ratios to the plain run of the same round (median,
-min-max). Online-teacher runs are compared to FLOPs floors (:func:`floors`). A loss-level probe (:func:`probe`)
+min-max). Online-teacher runs are compared to FLOPs floors (bench_report.floors). A loss-level probe (bench_runs.probe)
 measures the extra peak memory of each loss in units of one (tokens x vocab) fp32 tensor.
 Every configuration and probe (kdexp/configs.py's BENCH and PROBES) spells out every flag of its criterion: no
 measurement depends on a criterion default.

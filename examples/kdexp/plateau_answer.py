@@ -180,7 +180,8 @@ def block(a):
                  f["compute_vs_plain"], f["wall_vs_plain"])]
     if f.get("vs_plain"):
         lines.append("- **Against plain training** (label-smoothed cross-entropy on the gold targets, %s): %s, "
-                     "paired bootstrap %s." % (mean_text(f["plain_bleu"]), NAMES[f["method"]], diff_text(f["vs_plain"])))
+                     "paired bootstrap %s." % (mean_text(f["plain_bleu"]), NAMES[f["method"]],
+                                               diff_text(f["vs_plain"])))
     if a["budget"]:
         def pick(b):
             text = "%gx: %s (valid BLEU %s" % (b["fraction"], NAMES[b["method"]], mean_text(b["value"]))

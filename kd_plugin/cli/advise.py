@@ -237,26 +237,33 @@ def mean_text(m):
     return "%.2f" % m["mean"] if m["std"] is None else "%.2f ± %.2f" % (m["mean"], m["std"])
 
 
+def diff_ci(d):
+    """A paired bootstrap as '+diff [+lo, +hi]'."""
+    return "%+.2f [%+.2f, %+.2f]" % (d["diff"], d["lo"], d["hi"])
+
+
+def seed_list(d):
+    return ", ".join(map(str, d["seeds"]))
+
+
 def evidence_lines(rec):
     e, seeds = rec["evidence"], ", ".join("%s %d" % kv for kv in sorted(rec["seeds"].items()))
     d = e["vs_runner_up"]
     lines = ["  evidence: test BLEU %s against %s %s (%s)%s" % (
         mean_text(e["test_bleu"]), CRITERION[e["runner_up"]], mean_text(e["runner_up_bleu"]),
         "beam 5" if rec["decoding"] == "beam5" else rec["decoding"],
-        "; paired bootstrap over the seeds both have (%s): %+.2f [%+.2f, %+.2f], p = %.3f" % (
-            ", ".join(map(str, d["seeds"])), d["diff"], d["lo"], d["hi"], d["p"]) if d else ""),
+        "; paired bootstrap over the seeds both have (%s): %s, p = %.3f" % (seed_list(d), diff_ci(d), d["p"])
+        if d else ""),
              "  cost: %.2fx plain training's student compute (token-rows) and %.2fx its wall time to the best "
              "epoch" % (e["compute_vs_plain"], e["wall_vs_plain"]),
              "  %s (seeds: %s)" % ("final" if rec["complete"] else "PROVISIONAL: the study is not finished", seeds)]
     if e.get("vs_plain"):  # beam 5's evidence: the best final student against plain training
-        d = e["vs_plain"]
-        lines.insert(1, "  against plain training (no KD, %s): %+.2f [%+.2f, %+.2f] BLEU (paired bootstrap, seeds %s)"
-                     % (mean_text(e["plain_bleu"]), d["diff"], d["lo"], d["hi"], ", ".join(map(str, d["seeds"]))))
+        lines.insert(1, "  against plain training (no KD, %s): %s BLEU (paired bootstrap, seeds %s)" % (
+            mean_text(e["plain_bleu"]), diff_ci(e["vs_plain"]), seed_list(e["vs_plain"])))
     q = rec.get("equal_compute")
     if q and q.get("vs_token"):
-        d = q["vs_token"]
-        lines.append("  at equal compute (half the epochs, annealed): %+.2f [%+.2f, %+.2f] BLEU against token_kd "
-                     "(paired bootstrap, seeds %s)" % (d["diff"], d["lo"], d["hi"], ", ".join(map(str, d["seeds"]))))
+        lines.append("  at equal compute (half the epochs, annealed): %s BLEU against token_kd (paired bootstrap, "
+                     "seeds %s)" % (diff_ci(q["vs_token"]), seed_list(q["vs_token"])))
     return lines
 
 
