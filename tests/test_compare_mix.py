@@ -14,8 +14,8 @@ import pytest
 from kdexp import configs, mix, speed
 from kdexp.pipeline import EXAMPLES, read_lines, repo_relative
 
+from driver_helpers import TINY, check_configs, criterion_flags, flag_values, flags_of, write_tsv
 from helpers import REPO, driver_env
-from test_demo import TINY, check_configs, criterion_flags, flag_values, flags_of, write_tsv
 
 SCRIPT = os.path.join(REPO, "examples", "compare_mix.py")
 CONFIGS, SEEDS = ["token-cache8", "hybrid-gate-cache8"], [1, 2]

@@ -2,14 +2,12 @@
 in full mode, a few updates): the table and its scores, the language pair in every path and in the report, the
 cleaning counts, the repository's docs/DEMO.md left alone, the students trained two at a time (the cached ones
 reading the top-8 teacher cache), the size and speed columns against the files and the speed phase's logs, the
-CTranslate2 path's scores, a second run that reuses every step; every student's criterion flags spelled out
-(checked against the criteria's dataclasses; the helpers serve test_compare_mix and test_study too) and run as
-given; and one-line errors for malformed TSVs and bad flags. The speed phase's pure pieces:
-tests/test_demo_speed.py."""
+CTranslate2 path's scores, a second run that reuses every step, the students run with the flags their
+configurations spell out; and one-line errors for malformed TSVs and bad flags. The configurations themselves:
+tests/test_configs.py; the speed phase's pure pieces: tests/test_demo_speed.py."""
 import hashlib
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import pytest
 from kdexp import configs, corpus, pipeline
 from kdexp.speed import parse_generate_speed
 
+from driver_helpers import MIS_SPLIT, TINY, toy_pairs, write_tsv
 from helpers import REPO, driver_env
 
 DEMO = os.path.join(REPO, "examples", "demo.py")
@@ -25,33 +24,6 @@ DEMO_MD = os.path.join(REPO, "docs", "DEMO.md")
 STUDENTS = ("plain", "token", "sentence", "hybrid")
 UPDATES = 12
 FR_EN = ["--src-lang", "fr", "--tgt-lang", "en"]
-# the QUICK column of demo.DEFAULTS, given explicitly: a full-mode run (the mode that may write docs/DEMO.md)
-TINY = ["--teacher-layers", "1", "--teacher-dim", "64", "--teacher-ffn", "256", "--teacher-heads", "2",
-        "--student-dim", "32", "--student-ffn", "64", "--teacher-epochs", "1", "--warmup", "50"]
-MIS_SPLIT = " ".join("phrase%d coupée ici." % i for i in range(1380))[:17891]  # a mis-split line: 17,891 characters
-# dirty pairs appended to the generated corpus: what cleaning drops them for
-DIRTY = [("\tword1 word2", "empty"), (MIS_SPLIT + "\tword3 word4", "tokens"),
-         ("x" * 1501 + "\tword5", "chars"), ("mot1\t" + " ".join(["word1"] * 10), "ratio"),
-         ("same words\tsame words", "untranslated")]
-
-
-def toy_pairs(n, seed=0):
-    """n distinct toy fr<TAB>en lines: the English side maps mot<i> -> word<i>, word order kept."""
-    rng = random.Random(seed)
-    seen = {}  # insertion-ordered set
-    while len(seen) < n:
-        seen[tuple(rng.randrange(60) for _ in range(rng.randint(3, 9)))] = None
-    return ["%s\t%s" % (" ".join("mot%d" % w for w in words), " ".join("word%d" % w for w in words))
-            for words in seen]
-
-
-def write_tsv(path, n=2000, seed=0, dirty=False):
-    lines = toy_pairs(n, seed)
-    if dirty:  # the dirty pairs, and a repeat of the first pair
-        lines += [line for line, _ in DIRTY] + lines[:1]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    return lines
 
 
 def demo(work, tsv, *extra, **kw):
@@ -65,85 +37,6 @@ def demo(work, tsv, *extra, **kw):
 def read(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def criterion_flags(criterion):
-    """The flags that define a configuration of ``criterion``, from its registered dataclass: every field,
-    less label_smoothed_cross_entropy's other than label_smoothing (sentence_avg, report_accuracy,
-    ignore_prefix_size: fairseq's, never set by the drivers)."""
-    import dataclasses
-
-    import kd_plugin  # noqa: F401  (registers token_kd, sentence_kd, hybrid_kd)
-    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY as registry
-
-    fairseq_own = {f.name for f in dataclasses.fields(registry["label_smoothed_cross_entropy"])} - {"label_smoothing"}
-    return {"--" + f.name.replace("_", "-") for f in dataclasses.fields(registry[criterion])
-            if f.name not in fairseq_own}
-
-
-def flag_values(args):
-    """{flag: value} of a fairseq-train argument list (value None for a flag followed by another flag); a flag
-    given twice fails (the later one would silently win)."""
-    args = [str(x) for x in args]
-    out = {}
-    for i, x in enumerate(args):
-        if x.startswith("--"):
-            assert x not in out, "%s given twice in %s" % (x, args)
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            out[x] = None if nxt is None or nxt.startswith("--") else nxt
-    return out
-
-
-def check_configs(configs):
-    """Every configuration of a driver ({name: fairseq-train flags}) gives every flag of its criterion's dataclass
-    with a value, no --kd-* flag its criterion lacks (a retired one), and no two configurations are the same
-    flags (in any order)."""
-    seen = {}
-    for name, args in configs.items():
-        flags = flag_values(args)
-        expected = criterion_flags(flags["--criterion"])
-        assert expected <= flags.keys(), "%s: no %s" % (name, sorted(expected - flags.keys()))
-        assert all(flags[f] is not None for f in expected), (name, flags)
-        unknown = {f for f in flags if f.startswith("--kd-")} - expected
-        assert not unknown, "%s: %s not flags of %s" % (name, sorted(unknown), flags["--criterion"])
-        key = tuple(sorted(flags.items()))
-        assert key not in seen, "%s and %s are the same configuration" % (seen.get(key), name)
-        seen[key] = name
-    return seen
-
-
-def flags_of(table):
-    """{name: fairseq-train arguments} of a table of kdexp.configs.Config."""
-    return {name: config.flags() for name, config in table.items()}
-
-
-def test_every_student_spells_out_its_criterion():
-    """The demo's students: every criterion flag explicit, none retired, no two the same; the default four are
-    plain label smoothing, token_kd and hybrid_kd (g fixed at 1/2) from the top-8 cache, sentence_kd."""
-    students = flags_of(configs.STUDENTS)
-    assert len(check_configs(students)) == len(students)
-    assert list(configs.DEFAULT_STUDENTS) == list(STUDENTS) and "hybrid-even" not in students
-    flags = {s: flag_values(students[s]) for s in students}
-    assert flags["hybrid"]["--kd-gate"] == flags["hybrid-online"]["--kd-gate"] == "fixed:0.5"
-    assert flags["token"]["--kd-topk"] == flags["hybrid"]["--kd-topk"] == "8"
-    assert flags["token-online"]["--kd-topk"] == flags["hybrid-online"]["--kd-topk"] == "0"
-    assert flags["sentence"]["--kd-gold-mix"] == "0"
-    assert all(f["--label-smoothing"] == "0.1" for f in flags.values())
-
-
-def test_a_configuration_missing_or_adding_a_criterion_field_fails_loudly():
-    """kdexp.configs builds a criterion's flags from its dataclass: a field left out (a criterion default
-    relied on) or a field the criterion lacks (a retired flag) is an error naming the flag, not a command."""
-    complete = dict(configs.token(8), **configs.LS)
-    assert configs.criterion_flags("token_kd", complete)[:4] == ["--criterion", "token_kd", "--kd-alpha", "0.5"]
-    missing = {k: v for k, v in complete.items() if k != "kd_temperature"}
-    with pytest.raises(configs.ConfigError, match="token_kd: missing --kd-temperature$"):
-        configs.criterion_flags("token_kd", missing)
-    with pytest.raises(configs.ConfigError, match="token_kd: unknown --kd-mix$"):
-        configs.criterion_flags("token_kd", dict(complete, kd_mix="word"))
-    with pytest.raises(configs.ConfigError, match="unknown criterion 'word_kd'"):
-        configs.criterion_flags("word_kd", complete)
-    assert configs.missing_flags(["--criterion", "sentence_kd", "--kd-gold-mix", "0"]) == ["--label-smoothing"]
 
 
 @pytest.fixture(scope="module")

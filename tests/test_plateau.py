@@ -12,8 +12,8 @@ import torch
 from kdexp import configs, plateau, plateau_report
 from kdexp.pipeline import sha256
 
+from driver_helpers import write_tsv
 from helpers import REPO, driver_env
-from test_demo import write_tsv
 
 DATA = ["--train-pairs", "300", "--valid-pairs", "40", "--test-pairs", "40", "--bpe-size", "64"]
 MAIN = ("plain", "token", "sentence", "hybrid")

@@ -19,8 +19,8 @@ from kdexp import configs, study_report
 from kdexp.pipeline import repo_relative
 from kdexp.study import run_name
 
+from driver_helpers import TINY, check_configs, flag_values, write_tsv
 from helpers import REPO, driver_env
-from test_demo import TINY, check_configs, flag_values, write_tsv
 
 SCRIPT = os.path.join(REPO, "examples", "study.py")
 UPDATES = 8
