@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="Token-level, sentence-level and gated hybrid knowledge distillation for fairseq",
     packages=find_packages(include=["kd_plugin", "kd_plugin.*"]),
-    package_data={"kd_plugin": ["advise_rule.json", "plateau_answer.json"]},  # kd-advise (examples/study_advise.py, plateau.py)
+    # kd-advise's evidence (written by examples/study_advise.py and examples/plateau.py)
+    package_data={"kd_plugin": ["advise_rule.json", "plateau_answer.json"]},
     python_requires=">=3.8",
     install_requires=[
         "numpy",

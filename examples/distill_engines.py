@@ -126,7 +126,8 @@ def main(argv=None):
     if not args.report:
         try:
             recipes.build_teacher(p)
-            results = {"machine": machine(), "command": " ".join(["examples/distill_engines.py"] + (argv or sys.argv[1:])),
+            command = " ".join(["examples/distill_engines.py"] + (argv or sys.argv[1:]))
+            results = {"machine": machine(), "command": command,
                        "throughput": throughput(p), "corpora": build_corpora(p)}
             p.args.student_epochs = args.epochs
             p.args.epochs = args.epochs

@@ -6,19 +6,20 @@ docs/plateau_results.json (with --commit, committed at once), and runs that have
     .venv/bin/python examples/plateau_teacher.py        # first: the teacher (committed artifacts/plateau/teacher.pt)
     .venv/bin/python examples/plateau.py --commit       # the plan, two lanes of one thread, continuing where it stopped
     .venv/bin/python examples/plateau.py --snapshot     # before a stop: in-flight runs to artifacts/inflight (commit)
-    .venv/bin/python examples/plateau.py --report       # docs/PLATEAU.md, docs/plateau.png, kd_plugin/plateau_answer.json
+    .venv/bin/python examples/plateau.py --report       # docs/PLATEAU.md, plateau.png, kd_plugin/plateau_answer.json
     .venv/bin/python examples/plateau.py --quick        # smoke run (after plateau_teacher.py --quick): tiny everything
 
 The plan, in order (kdexp/plateau.py defines every run):
 1. the teacher's top-8 cache and beam-5 distilled corpus (CTranslate2 float32), rebuilt from the committed teacher;
 2. batch size: plain and token_kd students at --max-tokens 1500 and 4096 for the same training time (each with
-   the schedule it would train with), one run at a time on a quiet machine: words/s and validation loss; 4096 is used for every method only if it is faster for
-   both and its validation loss is no worse (record "batch");
+   the schedule it would train with), one run at a time on a quiet machine: words/s and validation loss; 4096 is
+   used for every method only if it is faster for both and its validation loss is no worse (record "batch");
 3. two lanes: the schedule pair (plain seed 1 with the calibration's inverse_sqrt schedule, to show that the
    study's cosine schedule loses nothing), then for seeds 1, 2, 3: plain, token, sentence, hybrid fixed:0.5
    (each token run was followed in its lane by the on-policy stage, on_policy_kd at share 1 and 0.5 and token_kd,
-   one epoch from its best checkpoint: recorded for the three seeds, on_policy_kd then left the package); then, for seeds 1, 2, 3, hybrid-half (the hybrid over half the budget: equal
-   student compute to plain and token at the end of an annealed schedule); last, the learned gate (hybrid-gate)
+   one epoch from its best checkpoint: recorded for the three seeds, on_policy_kd then left the package); then,
+   for seeds 1, 2, 3, hybrid-half (the hybrid over half the budget: equal student compute to plain and token at
+   the end of an annealed schedule); last, the learned gate (hybrid-gate)
    for every seed (the issue asked for one; the paper's claim is the gate's, so it gets the seeds a paired
    bootstrap against the fixed weight needs).
 """
@@ -50,7 +51,8 @@ def parse_args(argv=None):
                                                         "WORK/plateau_results.json with --quick)")
     parser.add_argument("--commit", action="store_true", help="git commit each record as soon as it is written")
     parser.add_argument("--snapshot", action="store_true", help="copy the in-flight runs to artifacts/inflight")
-    parser.add_argument("--report", action="store_true", help="write docs/PLATEAU.md, its plot and kd-advise's answer, run nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="write docs/PLATEAU.md, its plot and kd-advise's answer, run nothing")
     a, a.data_flags = parser.parse_known_args(argv)  # the rest: the demo's data flags (--data, sizes)
     if a.lanes < 1:
         parser.error("--lanes must be >= 1 (got %d)" % a.lanes)

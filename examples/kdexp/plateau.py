@@ -286,7 +286,8 @@ def scenario(p):
            "--split", "train", "--sample", "500", "--seed", "1", "--beam", "5", "--cpu", "--json"]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=p.env)
     if out.returncode != 0:
-        raise StepFailed("kd-advise failed on the plateau scenario: %s" % (out.stderr.strip().splitlines() or ["?"])[-1])
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise StepFailed("kd-advise failed on the plateau scenario: %s" % last)
     measured = json.loads(out.stdout)
     return {"method": "scenario", "seed": 0, "teacher_sha256": sha256(teacher_pt(p)), "command": relative(cmd),
             "signals": measured["signals"], "student_params": measured["info"]["student_params"],

@@ -56,7 +56,8 @@ def check_plateau_teacher(a):
                                   % (ckpt, r["teacher_sha256"]))
     if arch_flags(r["command"]) != arch_flags(recipes.model_args(a, "teacher")):
         raise PlateauTeacherError("--plateau-teacher: its architecture %s is not this run's teacher's %s "
-                                  "(--teacher-*)" % (arch_flags(r["command"]), arch_flags(recipes.model_args(a, "teacher"))))
+                                  "(--teacher-*)" % (arch_flags(r["command"]),
+                                                     arch_flags(recipes.model_args(a, "teacher"))))
     if os.path.isfile(os.path.join(a.work, "done", "train-teacher.json")):
         raise PlateauTeacherError("--plateau-teacher: %s holds another run's teacher; pass another --work" % a.work)
     return r
@@ -68,7 +69,8 @@ def install_plateau_teacher(p, record):
     dictionary = p.path("data-bin", "dict.%s.txt" % p.args.tgt_lang)
     if sha256(dictionary) != record["dictionary_sha256"]:
         raise PlateauTeacherError("--plateau-teacher: %s is not the dictionary the teacher was trained with "
-                                  "(sha256 %s): another corpus, split or BPE" % (dictionary, record["dictionary_sha256"]))
+                                  "(sha256 %s): another corpus, split or BPE"
+                                  % (dictionary, record["dictionary_sha256"]))
     best = next(c for c in record["curve"] if c["epoch"] == record["best_epoch"])
 
     def install():

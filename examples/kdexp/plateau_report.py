@@ -78,7 +78,8 @@ def equal_compute_lines(rows):
     lines = ["hybrid-half: hybrid_kd fixed:0.5 with its cosine budget and cap halved, so that its two passes add up "
              "to about the token-rows of plain's and token_kd's full budget and every run ends annealed (commands "
              "in the records).", "",
-             "| method | seeds | epochs run | token-rows at the end | wall s at the end | best valid BLEU | test BLEU |",
+             "| method | seeds | epochs run | token-rows at the end | wall s at the end | best valid BLEU "
+             "| test BLEU |",
              "|---|---|---|---|---|---|---|"]
     for m in ("plain", "token", "hybrid-half", "hybrid"):
         if m in rows:

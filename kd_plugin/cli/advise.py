@@ -5,14 +5,14 @@ with signals measured in seconds that say how far your scenario is from the one 
               [--split train] [--sample 500] [--beam 5 | --sampling] [--json] [--answer FILE] [--rule FILE]
 
 Recommends what the plateau study found (kd_plugin/plateau_answer.json, written with docs/PLATEAU.md by
-``examples/plateau.py --report``): the criterion that gave the best final student under your decoding (beam,
-greedy or sampling), with its evidence and cost, and the one to use on a tight budget. Measures (kd_plugin.advice): the capacity ratio (the student is BUILT from
---student-arch on the data's dictionaries, never trained), the source length and rare-subword rate of the whole
-split, and the teacher's entropy, confidence and gold NLL under teacher forcing on --sample sentences of it
-(drawn with --seed), each printed beside the plateau scenario's value. Scope: the 3-epoch study's rule
-(kd_plugin/advise_rule.json, ``examples/study_advise.py --write``; docs/STUDY.md), fitted on students far from
-their plateau, is no recommendation; it only says whether your scenario lies on the same side of the one split
-it found as the plateau's, and warns when it does not. --answer and --rule read other files.
+``examples/plateau.py --report``): the criterion that gave the best final student under your decoding (beam, greedy
+or sampling), with its evidence and cost, and the one to use on a tight budget. Measures (kd_plugin.advice): the
+capacity ratio (the student is BUILT from --student-arch on the data's dictionaries, never trained), the source
+length and rare-subword rate of the whole split, and the teacher's entropy, confidence and gold NLL under teacher
+forcing on --sample sentences of it (drawn with --seed), each printed beside the plateau scenario's value. Scope:
+the 3-epoch study's rule (kd_plugin/advise_rule.json, ``examples/study_advise.py --write``; docs/STUDY.md), fitted
+on students far from their plateau, is no recommendation; it only says whether your scenario lies on the same side
+of the one split it found as the plateau's, and warns when it does not. --answer and --rule read other files.
 Bad input: one line ``kd-advise: error: ...``, exit status 2.
 """
 import argparse
@@ -148,7 +148,8 @@ def measure(args):
     signals = {"capacity_ratio": student / teacher_params,
                "decoding": advice.decoding_level(args.beam, args.sampling),
                "src_len": src_len, "rare_rate": rare}
-    signals.update(teacher_signals(Teacher(members, paths), dataset, ids, args.max_tokens, task.target_dictionary.pad()))
+    signals.update(teacher_signals(Teacher(members, paths), dataset, ids, args.max_tokens,
+                                   task.target_dictionary.pad()))
     info = {"data": os.path.abspath(args.data), "split": args.split, "sentences": len(dataset),
             "sampled": len(ids), "seed": args.seed, "student_params": student, "teacher_params": teacher_params,
             "teacher": [os.path.abspath(p) for p in paths], "rare_from_index": threshold,
