@@ -292,8 +292,21 @@ def test_answer_reads_the_best_final_student_and_the_budget_picks():
     a = plateau_answer.answer(synthetic_records([1, 2, 3], bleu, curves, half=True, gate=True))
     assert a["final"]["method"] == "hybrid" and a["gate"]["vs_fixed"]["seeds"] == [1, 2, 3]
     assert a["gate"]["test_bleu"]["mean"] == pytest.approx(31.4) and a["gate"]["vs_fixed"]["hi"] < 0
-    assert "- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): 31.40 ± 0.20 test BLEU " \
-           "(3 seeds); against the fixed 1/2: -" in "\n".join(plateau_answer.block(a))
+    gate_line = next(x for x in plateau_answer.block(a) if x.startswith("- **The learned gate**"))
+    assert gate_line.startswith("- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): 31.40 ± "
+                                "0.20 test BLEU (3 seeds); against the fixed 1/2: -")
+    assert a["gate"]["complete"] and a["gate"]["verdict"] == "below"
+    assert gate_line.endswith("(seeds 1, 2, 3); below it: the fixed 1/2 stays the recommendation."), gate_line
+    same = [dict(r, method="hybrid-gate") for r in records if r["method"] == "hybrid"]  # the fixed 1/2's sentences
+    a = plateau_answer.answer(records + same)
+    assert a["gate"]["verdict"] == "not separated" and a["final"]["method"] == "hybrid"
+    assert "(seeds 1, 2, 3); not separated: the fixed 1/2 stays the recommendation (no gate network, the same " \
+           "two passes)." in "\n".join(plateau_answer.block(a))
+    a = plateau_answer.answer(records + same[:1])  # one seed: a comparison, no verdict yet
+    assert not a["gate"]["complete"] and "against the fixed 1/2: +0.00 [+0.00, +0.00], p = 1.000 (seed 1).\n" \
+        in "\n".join(plateau_answer.block(a)) + "\n"
+    assert [plateau_answer.verdict(dict(lo=lo, hi=hi)) for lo, hi in ((0.1, 2), (-2, -0.1), (-0.1, 0.1))] == [
+        "above", "below", "not separated"]
     assert "- **Against plain training** (label-smoothed cross-entropy on the gold targets, 30.40 ± 0.20): " \
            "hybrid_kd fixed:0.5, paired bootstrap +" in block
 

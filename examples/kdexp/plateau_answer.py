@@ -25,6 +25,11 @@ SEEDS = 3
 NAMES = {"plain": "plain training (label_smoothed_cross_entropy)", "token": "token_kd (top-8 cache)",
          "sentence": "sentence_kd", "hybrid": "hybrid_kd fixed:0.5", "hybrid-half": "hybrid_kd fixed:0.5 over half "
          "the epochs", "hybrid-gate": "hybrid_kd with the learned gate"}
+# what a complete gate comparison means for the recommendation (the fixed weight has no gate network to train)
+GATE_VERDICT = {"not separated": "; not separated: the fixed 1/2 stays the recommendation (no gate network, the "
+                                 "same two passes)",
+                "below": "; below it: the fixed 1/2 stays the recommendation",
+                "above": "; above it: the learned gate is better than the fixed 1/2 at the same two passes"}
 JSON = os.path.join(REPO, "kd_plugin", "plateau_answer.json")
 BLOCK = "plateau-answer"
 
@@ -71,6 +76,14 @@ def diff_text(d):
         return "n/a (no common seed, or no per-sentence statistics kept)"
     return "%+.2f [%+.2f, %+.2f], p = %.3f (seed%s %s)" % (
         d["diff"], d["lo"], d["hi"], d["p"], "s" if len(d["seeds"]) > 1 else "", ", ".join(map(str, d["seeds"])))
+
+
+def verdict(d):
+    """"above" / "below" when a paired bootstrap's 95% interval excludes 0, else "not separated" (None: no
+    comparison)."""
+    if d is None:
+        return None
+    return "above" if d["lo"] > 0 else "below" if d["hi"] < 0 else "not separated"
 
 
 def to_best(r, key):
@@ -157,8 +170,10 @@ def answer(records):
             / statistics.mean(r["curve"][-1]["token_rows"] for r in rows["token"])}
     gate = by_method(records, ("hybrid-gate",))
     if gate and "hybrid" in rows:
+        vs_fixed = paired(dict(rows, **gate), "hybrid-gate", "hybrid")
         out["gate"] = {"method": "hybrid-gate", "test_bleu": mean_std(r["test_bleu"] for r in gate["hybrid-gate"]),
-                       "vs_fixed": paired(dict(rows, **gate), "hybrid-gate", "hybrid")}
+                       "vs_fixed": vs_fixed, "complete": len(gate["hybrid-gate"]) >= SEEDS,
+                       "verdict": verdict(vs_fixed)}
     scenario = next((r for r in records if r["method"] == "scenario"), None)
     if scenario:
         out["scenario"] = {k: scenario[k] for k in ("signals", "student_params", "teacher_params")}
@@ -213,8 +228,9 @@ def block(a):
     g = a.get("gate")
     if g:
         lines.append("- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): %s test BLEU (%s); "
-                     "against the fixed 1/2: %s." % (mean_text(g["test_bleu"]), seeds(g["test_bleu"]),
-                                                     diff_text(g["vs_fixed"])))
+                     "against the fixed 1/2: %s%s." % (mean_text(g["test_bleu"]), seeds(g["test_bleu"]),
+                                                       diff_text(g["vs_fixed"]), GATE_VERDICT.get(
+                                                           g.get("verdict") if g.get("complete") else None, "")))
     else:
         lines.append("- **The learned gate** (the paper's gated hybrid, `--kd-gate sentence`): not run yet.")
     seeds = ", ".join("%s %d" % (m, a["seeds"].get(m, 0)) for m in MAIN)
