@@ -13,6 +13,15 @@ DEMO_WORK = os.path.join(REPO, "work", "demo")
 LS = ["--label-smoothing", "0.1"]  # the benchmark's own teacher (the demo's teacher criterion)
 
 
+def fresh(out):
+    """An empty ``out``: a corpus of another language pair left there by an earlier run would otherwise sit beside
+    the new one, and fairseq's tools would pick either."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+
+
 def write_split(prefix, sentences, vocab_size):
     """Binarize lists of token ids (eos included) as fairseq-preprocess does (mmap indexed dataset)."""
     import torch
@@ -41,7 +50,7 @@ def subset_data_bin(source, out, n_train, n_valid, seed):
     from fairseq.data import Dictionary, data_utils
 
     src, tgt = split_langs(source)
-    os.makedirs(out, exist_ok=True)
+    fresh(out)
     for lang in (src, tgt):
         shutil.copy(os.path.join(source, "dict.%s.txt" % lang), os.path.join(out, "dict.%s.txt" % lang))
     rng = np.random.default_rng(seed)
@@ -69,7 +78,7 @@ def synthetic_corpus(out, vocab_size, n_train, n_valid, seed):
     words = vocab_size - len(d)
     for i in range(words):
         d.add_symbol("w%d" % i, n=words - i)
-    os.makedirs(out, exist_ok=True)
+    fresh(out)
     for lang in ("src", "tgt"):
         d.save(os.path.join(out, "dict.%s.txt" % lang))
     rng = np.random.default_rng(seed)
