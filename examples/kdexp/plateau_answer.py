@@ -4,6 +4,8 @@ README's "Which KD?" quotes, and kd_plugin/plateau_answer.json, which kd-advise 
     best final student  = argmax_m mean_seeds test BLEU(m)          m in plain, token, sentence, hybrid
     tight budget at f   = argmax_m mean_seeds best_within(m, f * U)  f in 1/4, 1/2, 1
     equal compute       = hybrid-half against token (both annealed over their own budgets, ~equal token-rows)
+    learned gate        = hybrid-gate against hybrid; with SEEDS seeds, above / below / not separated by the
+                          paired bootstrap's 95% interval (the recommendation stays among the four methods)
 
 U: plain's token-rows to its best epoch (mean over its seeds); best_within: validation BLEU of the best
 checkpoint saved within that many token-rows. Differences of test BLEU: paired bootstrap over the seeds both
