@@ -3,6 +3,7 @@ fr-en corpora with optional dirty pairs, the QUICK-sized demo flags, and the che
 spell out every flag of their criterion's dataclass."""
 import random
 
+STUDENTS = ("plain", "token", "sentence", "hybrid")  # the demo's default students, in its order
 # the QUICK column of demo.DEFAULTS, given explicitly: a full-mode run (the mode that may write docs/DEMO.md)
 TINY = ["--teacher-layers", "1", "--teacher-dim", "64", "--teacher-ffn", "256", "--teacher-heads", "2",
         "--student-dim", "32", "--student-ffn", "64", "--teacher-epochs", "1", "--warmup", "50"]

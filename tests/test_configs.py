@@ -3,9 +3,7 @@ criteria's registered dataclasses), and a configuration that leaves a field out 
 import pytest
 from kdexp import configs
 
-from driver_helpers import check_configs, flag_values, flags_of
-
-STUDENTS = ("plain", "token", "sentence", "hybrid")
+from driver_helpers import STUDENTS, check_configs, flag_values, flags_of
 
 
 def test_every_student_spells_out_its_criterion():

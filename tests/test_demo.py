@@ -16,12 +16,11 @@ import pytest
 from kdexp import configs, corpus, pipeline
 from kdexp.speed import parse_generate_speed
 
-from driver_helpers import MIS_SPLIT, TINY, toy_pairs, write_tsv
+from driver_helpers import MIS_SPLIT, STUDENTS, TINY, toy_pairs, write_tsv
 from helpers import REPO, driver_env
 
 DEMO = os.path.join(REPO, "examples", "demo.py")
 DEMO_MD = os.path.join(REPO, "docs", "DEMO.md")
-STUDENTS = ("plain", "token", "sentence", "hybrid")
 UPDATES = 12
 FR_EN = ["--src-lang", "fr", "--tgt-lang", "en"]
 

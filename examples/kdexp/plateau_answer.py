@@ -31,7 +31,8 @@ NAMES = {"plain": "plain training (label_smoothed_cross_entropy)", "token": "tok
 GATE_VERDICT = {"not separated": "; not separated: the fixed 1/2 stays the recommendation (no gate network, the "
                                  "same two passes)",
                 "below": "; below it: the fixed 1/2 stays the recommendation",
-                "above": "; above it: the learned gate is better than the fixed 1/2 at the same two passes"}
+                "above": "; above it at the same two passes (the best-final-student line ranks the four main "
+                         "methods only)"}
 JSON = os.path.join(REPO, "kd_plugin", "plateau_answer.json")
 BLOCK = "plateau-answer"
 
